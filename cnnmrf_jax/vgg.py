@@ -1,0 +1,197 @@
+"""Flax (linen) VGG19 and VGG16 that return a dict of named activations.
+
+Layer names follow the VGG paper and the Caffe model: `conv1_1`, `relu1_1`,
+..., `pool1`, ...; parameters live under the conv layer's name
+(`params['conv1_1']['kernel']` HWIO `[3, 3, C_in, C_out]`, `['bias']`
+`[C_out]`). Inputs are NHWC images already preprocessed for the weights'
+convention (`preprocess` below); only the layers up to the deepest one asked
+for are computed.
+
+Pooling is 2x2, stride 2, in Caffe's ceil mode: an odd side of n gives
+ceil(n / 2) outputs, the last window covering only the valid border pixels.
+"""
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+# Convolutions per block and channels per block.
+_BLOCKS = {
+    "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
+    "vgg16": ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
+}
+NETWORKS = tuple(_BLOCKS)
+POOLINGS = ("max", "avg")
+
+# Preprocessing conventions. Caffe: BGR, x256 (the reference code uses 256,
+# not 255), minus the BGR channel means. Torchvision: RGB in [0, 1],
+# ImageNet mean / std.
+CONVENTIONS = ("caffe", "torchvision")
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
+CAFFE_SCALE = 256.0
+TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+TORCHVISION_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def layer_names(network: str = "vgg19") -> List[str]:
+  """All layer names of `network` in forward order (conv, relu, ..., pool)."""
+  _check_network(network)
+  names = []
+  for block, (num_convs, _) in enumerate(_BLOCKS[network], start=1):
+    for i in range(1, num_convs + 1):
+      names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+    names.append(f"pool{block}")
+  return names
+
+
+def conv_shapes(network: str = "vgg19") -> Dict[str, Dict[str, Tuple[int, ...]]]:
+  """Parameter shapes: {'conv1_1': {'kernel': (3,3,3,64), 'bias': (64,)}, ...}."""
+  _check_network(network)
+  shapes = {}
+  in_channels = 3
+  for block, (num_convs, channels) in enumerate(_BLOCKS[network], start=1):
+    for i in range(1, num_convs + 1):
+      shapes[f"conv{block}_{i}"] = {
+          "kernel": (3, 3, in_channels, channels),
+          "bias": (channels,),
+      }
+      in_channels = channels
+  return shapes
+
+
+def channels_of(layer: str, network: str = "vgg19") -> int:
+  """Number of channels of the activation named `layer`."""
+  check_layers([layer], network, flag="layer")
+  block = int(layer[len(layer.rstrip("0123456789_")):].split("_")[0]
+              if not layer.startswith("pool") else layer[4:])
+  return _BLOCKS[network][block - 1][1]
+
+
+def downsampling_of(layer: str, network: str = "vgg19") -> int:
+  """Total stride of `layer` relative to the input (1, 2, 4, 8, 16 or 32)."""
+  names = layer_names(network)
+  check_layers([layer], network, flag="layer")
+  return 2 ** sum(1 for n in names[:names.index(layer)] if n.startswith("pool"))
+
+
+def check_layers(layers: Iterable[str], network: str = "vgg19", *,
+                 flag: str = "layers") -> None:
+  """Raises ValueError naming `flag` if any layer is not in `network`."""
+  known = layer_names(network)
+  unknown = [l for l in layers if l not in known]
+  if unknown:
+    raise ValueError(
+        f"--{flag}: unknown layer(s) {unknown} for {network}; expected names "
+        f"like relu3_1 from: {', '.join(known)}")
+
+
+def _check_network(network: str) -> None:
+  if network not in _BLOCKS:
+    raise ValueError(f"--network: unknown network {network!r}; expected one "
+                     f"of {NETWORKS}")
+
+
+def pool2x2_ceil(x: jnp.ndarray, kind: str = "max") -> jnp.ndarray:
+  """2x2 stride-2 pooling in Caffe's ceil mode. x: [N, H, W, C].
+
+  Returns [N, ceil(H/2), ceil(W/2), C]; windows that hang over an odd border
+  see only valid pixels (max ignores the pad; avg divides by the valid count,
+  as Caffe does when pad = 0).
+  """
+  pad = ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0))
+  window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
+  if kind == "max":
+    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, pad)
+  if kind == "avg":
+    total = lax.reduce_window(x, 0.0, lax.add, window, strides, pad)
+    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pad)
+    return total / count
+  raise ValueError(f"--pooling: unknown pooling {kind!r}; expected one of "
+                   f"{POOLINGS}")
+
+
+class VGG(nn.Module):
+  """VGG19 / VGG16 convolutional trunk returning named features.
+
+  Attributes:
+    network: 'vgg19' or 'vgg16'.
+    pooling: 'max' (Caffe ceil mode, the reference) or 'avg'.
+    dtype: computation dtype (float32; bfloat16 on accelerators).
+  """
+  network: str = "vgg19"
+  pooling: str = "max"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray,
+               outputs: Optional[Sequence[str]] = None
+               ) -> Dict[str, jnp.ndarray]:
+    """images: [N, H, W, 3] preprocessed. Returns {name: [N, h, w, c]}.
+
+    `outputs` (default: every layer) selects the returned activations; the
+    forward pass stops at the deepest of them.
+    """
+    names = layer_names(self.network)
+    if outputs is None:
+      outputs = names
+    check_layers(outputs, self.network, flag="outputs")
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"VGG expects images of shape [N, H, W, 3], got "
+                       f"{images.shape}")
+    deepest = max(names.index(n) for n in outputs)
+    wanted = set(outputs)
+    features = {}
+    x = images.astype(self.dtype)
+    for name in names[:deepest + 1]:
+      if name.startswith("conv"):
+        channels = conv_shapes(self.network)[name]["kernel"][-1]
+        x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
+                    dtype=self.dtype, name=name)(x)
+      elif name.startswith("relu"):
+        x = nn.relu(x)
+      else:
+        x = pool2x2_ceil(x, self.pooling)
+      if name in wanted:
+        features[name] = x
+    return features
+
+
+def init_params(network: str = "vgg19", seed: int = 0,
+                scale: float = 1.0) -> Dict[str, Any]:
+  """Random parameters {'conv1_1': {'kernel', 'bias'}, ...} (He-normal
+  kernels times `scale`, small random biases) for tests and shape checks."""
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name, shapes in conv_shapes(network).items():
+    fan_in = np.prod(shapes["kernel"][:3])
+    params[name] = {
+        "kernel": (rng.standard_normal(shapes["kernel"]) * scale *
+                   np.sqrt(2.0 / fan_in)).astype(np.float32),
+        "bias": (rng.standard_normal(shapes["bias"]) * 0.01).astype(np.float32),
+    }
+  return params
+
+
+def preprocess(rgb: jnp.ndarray, convention: str = "caffe") -> jnp.ndarray:
+  """RGB in [0, 1], [..., 3] -> network input for `convention`."""
+  if convention == "caffe":
+    return rgb[..., ::-1] * CAFFE_SCALE - CAFFE_MEAN_BGR
+  if convention == "torchvision":
+    return (rgb - TORCHVISION_MEAN) / TORCHVISION_STD
+  raise ValueError(f"unknown preprocessing convention {convention!r}; "
+                   f"expected one of {CONVENTIONS}")
+
+
+def deprocess(x: jnp.ndarray, convention: str = "caffe") -> jnp.ndarray:
+  """Inverse of `preprocess`: network input -> RGB (unclipped), [..., 3]."""
+  if convention == "caffe":
+    return ((x + CAFFE_MEAN_BGR) / CAFFE_SCALE)[..., ::-1]
+  if convention == "torchvision":
+    return x * TORCHVISION_STD + TORCHVISION_MEAN
+  raise ValueError(f"unknown preprocessing convention {convention!r}; "
+                   f"expected one of {CONVENTIONS}")

@@ -11,6 +11,7 @@ Pooling is 2x2, stride 2, in Caffe's ceil mode: an odd side of n gives
 ceil(n / 2) outputs, the last window covering only the valid border pixels.
 """
 
+import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -26,6 +27,8 @@ _BLOCKS = {
 }
 NETWORKS = tuple(_BLOCKS)
 POOLINGS = ("max", "avg")
+# 'relu3_1' -> block 3, 'pool5' -> block 5.
+_BLOCK_RE = re.compile(r"(?:conv|relu|pool)(\d+)")
 
 # Preprocessing conventions. Caffe: BGR, x256 (the reference code uses 256,
 # not 255), minus the BGR channel means. Torchvision: RGB in [0, 1],
@@ -48,8 +51,9 @@ def layer_names(network: str = "vgg19") -> List[str]:
   return names
 
 
-def conv_shapes(network: str = "vgg19") -> Dict[str, Dict[str, Tuple[int, ...]]]:
-  """Parameter shapes: {'conv1_1': {'kernel': (3,3,3,64), 'bias': (64,)}, ...}."""
+def conv_shapes(
+    network: str = "vgg19") -> Dict[str, Dict[str, Tuple[int, ...]]]:
+  """Parameter shapes: {'conv1_1': {'kernel': (3,3,3,64), 'bias': (64,)}}."""
   _check_network(network)
   shapes = {}
   in_channels = 3
@@ -66,16 +70,19 @@ def conv_shapes(network: str = "vgg19") -> Dict[str, Dict[str, Tuple[int, ...]]]
 def channels_of(layer: str, network: str = "vgg19") -> int:
   """Number of channels of the activation named `layer`."""
   check_layers([layer], network, flag="layer")
-  block = int(layer[len(layer.rstrip("0123456789_")):].split("_")[0]
-              if not layer.startswith("pool") else layer[4:])
+  block = int(_BLOCK_RE.match(layer).group(1))
   return _BLOCKS[network][block - 1][1]
 
 
 def downsampling_of(layer: str, network: str = "vgg19") -> int:
-  """Total stride of `layer` relative to the input (1, 2, 4, 8, 16 or 32)."""
+  """Total stride of `layer` relative to the input (1, 2, 4, 8, 16 or 32).
+
+  A pooling layer counts its own stride: pool1 -> 2, pool5 -> 32.
+  """
   names = layer_names(network)
   check_layers([layer], network, flag="layer")
-  return 2 ** sum(1 for n in names[:names.index(layer)] if n.startswith("pool"))
+  upto = names[:names.index(layer) + 1]
+  return 2 ** sum(1 for n in upto if n.startswith("pool"))
 
 
 def check_layers(layers: Iterable[str], network: str = "vgg19", *,
@@ -137,8 +144,13 @@ class VGG(nn.Module):
     forward pass stops at the deepest of them.
     """
     names = layer_names(self.network)
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"--pooling: unknown pooling {self.pooling!r}; "
+                       f"expected one of {POOLINGS}")
     if outputs is None:
       outputs = names
+    if not outputs:
+      raise ValueError("--outputs: no layers asked for")
     check_layers(outputs, self.network, flag="outputs")
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"VGG expects images of shape [N, H, W, 3], got "

@@ -1,0 +1,110 @@
+"""End-to-end tests of cnnmrf_jax.synthesize at toy size on random weights,
+plus one run on the real VGG19 weights."""
+
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import synthesize
+
+
+def tiny_config(images, **changes):
+  base = config_lib.Config(
+      content_image=images["content"], style_image=(images["style"],),
+      max_size=48, num_res=2, num_iter=(4,), print_every=2)
+  return config_lib.replace(base, **changes)
+
+
+def level_losses(history):
+  """{level: (first loss, last loss)} summed over the batch."""
+  out = {}
+  for record in history:
+    first, _ = out.get(record["level"], (None, None))
+    value = float(np.sum(record["loss"]))
+    out[record["level"]] = (value if first is None else first, value)
+  return out
+
+
+@pytest.mark.parametrize("mode", ["transfer", "texture", "gatys"])
+def test_every_mode_runs_and_lowers_the_loss(mode, tiny_images, random_vgg19,
+                                             tmp_path):
+  config = tiny_config(tiny_images, mode=mode)
+  synthesize.TRACE_COUNTS.clear()
+  result = synthesize.run(config, str(tmp_path), params=random_vgg19[0],
+                          convention=random_vgg19[1])
+  with Image.open(tmp_path / synthesize.RESULT_NAME) as image:
+    # transfer/gatys: content 40x48 fitted to 48 -> 40x48; texture: style
+    # 44x40 fitted to 48 -> 48x44.
+    expected = (44, 48) if mode == "texture" else (48, 40)
+    assert image.size == expected
+  assert np.all(np.isfinite(result.images))
+  for level, (first, last) in level_losses(result.history).items():
+    assert last < first, (level, first, last)
+  # Compiled once per level, not per iteration.
+  assert synthesize.TRACE_COUNTS["update"] == config.num_res
+  log = [json.loads(l) for l in
+         (tmp_path / synthesize.LOG_NAME).read_text().splitlines()]
+  assert len(log) == config.num_res * (4 + 1)
+  assert {"loss", "tv", "seconds_per_iter"} <= set(log[-1])
+  if mode != "gatys":
+    assert "mean_ncc_relu3_1" in log[-1]
+
+
+def test_seed_determines_the_noise_init(tiny_images, random_vgg19):
+  config = tiny_config(tiny_images, mode="texture", num_res=1, max_size=40,
+                       num_iter=(2,))
+  run = lambda c: synthesize.run(c, params=random_vgg19[0],
+                                 convention=random_vgg19[1]).images
+  a, b = run(config), run(config)
+  c = run(config_lib.replace(config, seed=1))
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 1e-3
+
+
+def test_several_styles_and_original_colors(tiny_images, random_vgg19):
+  config = tiny_config(
+      tiny_images, style_image=(tiny_images["style"], tiny_images["style2"]),
+      num_rotations=1, num_res=1, num_iter=(2,), original_colors=True)
+  result = synthesize.run(config, params=random_vgg19[0],
+                          convention=random_vgg19[1])
+  assert result.images.shape == (1, 48, 40, 3)
+  assert np.all(np.isfinite(result.images))
+
+
+def test_existing_result_is_not_overwritten(tiny_images, random_vgg19,
+                                            tmp_path):
+  (tmp_path / synthesize.RESULT_NAME).write_bytes(b"precious")
+  config = tiny_config(tiny_images, num_res=1, num_iter=(1,))
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    synthesize.run(config, str(tmp_path), params=random_vgg19[0],
+                   convention=random_vgg19[1])
+  assert (tmp_path / synthesize.RESULT_NAME).read_bytes() == b"precious"
+  synthesize.run(config_lib.replace(config, overwrite=True), str(tmp_path),
+                 params=random_vgg19[0], convention=random_vgg19[1])
+  assert (tmp_path / synthesize.RESULT_NAME).read_bytes() != b"precious"
+
+
+def test_image_too_small_for_the_pyramid_names_the_flag(tiny_images,
+                                                        random_vgg19):
+  config = tiny_config(tiny_images, num_res=3, max_size=48)
+  with pytest.raises(config_lib.ConfigError, match="--content_image"):
+    synthesize.run(config, params=random_vgg19[0], convention=random_vgg19[1])
+
+
+@pytest.mark.real_weights
+def test_real_weights_transfer_lowers_the_mrf_loss(tmp_path):
+  config = config_lib.Config(
+      content_image="example:grace_hopper",
+      style_image=("example:hubble_deep_field",), max_size=64, num_res=2,
+      num_iter=(6,), print_every=3)
+  result = synthesize.run(config, str(tmp_path))
+  for level in (0, 1):
+    records = [r for r in result.history if r["level"] == level]
+    for layer in config.mrf_layers:
+      first = records[0][f"mrf_{layer}"][0]
+      last = records[-1][f"mrf_{layer}"][0]
+      assert last < first, (level, layer, first, last)
+  assert (tmp_path / synthesize.RESULT_NAME).exists()

@@ -8,6 +8,7 @@ field of `config.Config` (see there for what each does). A bad flag or
 combination fails before any work with a one-line message naming the flag.
 """
 
+import signal
 import sys
 
 from absl import app
@@ -176,6 +177,11 @@ def config_from_flags() -> config_lib.Config:
   ).validate()
 
 
+def _raise_interrupt(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -184,11 +190,22 @@ def main(argv):
   # Imported here so that --help and flag errors answer without loading JAX.
   from cnnmrf_jax import synthesize  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
+  # A scheduler's SIGTERM saves the image and a checkpoint, like Ctrl-C.
+  signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
     config = config_from_flags()
     synthesize.run(config, _WORKDIR.value)
-  except (ValueError, FileExistsError, OSError) as e:
-    # Bad input: one line naming the flag or file, non-zero exit.
+  except synthesize.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  except KeyboardInterrupt:
+    print(f"interrupted: the current image and a checkpoint are in "
+          f"{_WORKDIR.value}; run again with --resume to continue",
+          file=sys.stderr)
+    sys.exit(130)
+  except (ValueError, OSError) as e:
+    # Bad input (ConfigError, ImageError, WeightsError, ExistsError, ...):
+    # one line naming the flag or file, non-zero exit.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

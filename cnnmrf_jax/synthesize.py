@@ -25,6 +25,7 @@ term; the output is `scaler` times the exemplar; noise init) and `gatys`
 
 import collections
 import dataclasses
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -55,6 +56,8 @@ RESULT_NAME = "result.png"
 LOG_NAME = "log.jsonl"
 FLAGS_NAME = "flags.txt"
 VERSIONS_NAME = "versions.json"
+CHECKPOINT_NAME = "checkpoint.npz"
+CURRENT_NAME = "interrupted.png"  # the image at Ctrl-C / SIGTERM
 
 
 @dataclasses.dataclass
@@ -210,7 +213,7 @@ class Synthesizer:
     for n in range(len(inputs.styles)):
       targets = {}
       if config.mode in ("transfer", "gatys") and config.content_weight > 0:
-        content = image_io.resize(inputs.contents[n], *size, antialias=False)
+        content = image_io.resize(inputs.contents[n], *size, method="torch")
         content_features = self.features(np.asarray(content))
         targets["content"] = {l: content_features[l]
                               for l in config.content_layers}
@@ -218,7 +221,8 @@ class Synthesizer:
         maps = collections.defaultdict(list)
         for style in inputs.styles[n]:
           resized = np.asarray(image_io.resize(
-              style, *style_size(config, style.shape[:2], scale)))
+              style, *style_size(config, style.shape[:2], scale),
+              method="torch"))
           for copy in patches.augment_style(
               resized, num_rotations=config.num_rotations,
               num_scales=config.num_scales):
@@ -234,7 +238,8 @@ class Synthesizer:
         grams = collections.defaultdict(list)
         for style in inputs.styles[n]:
           resized = np.asarray(image_io.resize(
-              style, *style_size(config, style.shape[:2], scale)))
+              style, *style_size(config, style.shape[:2], scale),
+              method="torch"))
           style_features = self.features(resized)
           for layer in config.style_layers:
             grams[layer].append(losses.gram_matrix(style_features[layer]))
@@ -263,7 +268,7 @@ class Synthesizer:
         continue
       source = (inputs.contents[n] if init == "content"
                 else inputs.init_images[n])
-      rgb = image_io.resize(source, *size, antialias=False)
+      rgb = image_io.resize(source, *size, method="torch")
       images.append(vgg.preprocess(jnp.asarray(rgb, jnp.float32),
                                    self.convention))
     return jnp.stack(images)
@@ -271,42 +276,81 @@ class Synthesizer:
   # -- the solve -----------------------------------------------------------
 
   def solve_level(self, x: jnp.ndarray, targets: Dict[str, Any], *,
-                  level: int, num_iter: int,
-                  on_block=None) -> Tuple[jnp.ndarray, List[Dict[str, Any]]]:
-    """Runs `num_iter` iterations from x [N, H, W, 3]; returns (x, log).
+                  level: int, num_iter: int, state: Any = None,
+                  first_iter: int = 0, on_block=None
+                  ) -> Tuple[jnp.ndarray, Any, List[Dict[str, Any]]]:
+    """Runs iterations first_iter+1..num_iter from x [N, H, W, 3].
 
-    The log has one record per iteration (and one for the start, iter 0)
-    with every loss term and matching statistic per pair.
+    state: the optimiser state at x (from a checkpoint), or None to start
+    the level afresh. Returns (x, state, log) with one log record per
+    iteration (and one for the start, iter 0, when starting afresh), every
+    loss term and matching statistic per pair. on_block(records, x, state,
+    it) runs every `print_every` iterations, after the scalars are fetched.
+
+    Raises NonFiniteError (carrying the last finite x) if the loss turns
+    non-finite; the check runs once per block, so no host round trip is
+    added inside it.
     """
     config = self.config
     history = []
-    state = self._init(x, self.params, targets)
-    pending = [(0, self.solver.value(state), self.solver.aux(state))]
+    pending = []
+    if state is None:
+      state = self._init(x, self.params, targets)
+      pending.append((0, self.solver.value(state), self.solver.aux(state)))
+    last_finite_x = x
     block_start = time.perf_counter()
     block_iters = 0
     print_every = config.print_every or num_iter or 1
-    for it in range(1, num_iter + 1):
-      x, state = self._update(x, state, self.params, targets)
-      pending.append((it, self.solver.value(state), self.solver.aux(state)))
-      block_iters += 1
-      if it % print_every == 0 or it == num_iter:
-        fetched = jax.device_get(pending)  # one transfer per block
-        seconds = (time.perf_counter() - block_start) / max(1, block_iters)
-        records = [_record(level, i, v, a, seconds) for i, v, a in fetched]
-        history += records
-        _log_progress(records[-1], num_iter, seconds)
-        if on_block is not None:
-          on_block(records, x, it)
-        pending, block_iters = [], 0
-        block_start = time.perf_counter()
-    if pending:  # num_iter == 0: only the starting record
+    done = first_iter
+    try:
+      for it in range(first_iter + 1, num_iter + 1):
+        x, state = self._update(x, state, self.params, targets)
+        done = it
+        pending.append((it, self.solver.value(state),
+                        self.solver.aux(state)))
+        block_iters += 1
+        if it % print_every == 0 or it == num_iter:
+          fetched = jax.device_get(pending)  # one transfer per block
+          seconds = (time.perf_counter() - block_start) / max(1, block_iters)
+          records = [_record(level, i, v, a, seconds) for i, v, a in fetched]
+          bad = [r["iter"] for r in records
+                 if not np.all(np.isfinite(r["loss"]))]
+          if bad:
+            raise NonFiniteError(
+                f"level {level + 1}: the loss became non-finite at iteration "
+                f"{bad[0]}; stopping with the image of iteration "
+                f"{it - block_iters} (try a lower --learning_rate, "
+                "--mrf_weight or --content_weight)",
+                last_finite_x, history + [r for r in records
+                                          if r["iter"] < bad[0]])
+          history += records
+          pending, block_iters = [], 0
+          last_finite_x = x
+          _log_progress(records[-1], num_iter, seconds)
+          if on_block is not None:
+            on_block(records, x, state, it)
+          block_start = time.perf_counter()
+    except KeyboardInterrupt:
+      records = [_record(level, i, v, a, 0.0)
+                 for i, v, a in jax.device_get(pending) if i <= done]
+      raise Interrupted(level, done, x, state, history + records) from None
+    if pending:  # no iterations ran: only the starting record
       history += [_record(level, i, v, a, 0.0)
                   for i, v, a in jax.device_get(pending)]
-    return x, history
+    return x, state, history
+
+  def state_like(self, x: jnp.ndarray, targets: Dict[str, Any]) -> Any:
+    """The optimiser state's structure (shapes only) at x; for restoring."""
+    return jax.eval_shape(self._init, x, self.params, targets)
 
   def run(self, inputs: Inputs, workdir: Optional[pathlib.Path] = None, *,
           names: Optional[Sequence[str]] = None) -> Result:
-    """Synthesises every pair of `inputs`; writes into workdir if given."""
+    """Synthesises every pair of `inputs`; writes into workdir if given.
+
+    With config.resume, continues from workdir's checkpoint. On Ctrl-C (or
+    SIGTERM turned into KeyboardInterrupt by main.py) the current image and
+    a checkpoint are written before the exception propagates.
+    """
     config = self.config
     check_sizes(config, inputs)
     height, width = output_size(config, inputs)
@@ -316,31 +360,70 @@ class Synthesizer:
     names = list(names or ([RESULT_NAME] if num_pairs == 1 else
                            [f"result_{n}.png" for n in range(num_pairs)]))
     writer = _Writer(workdir, config, names) if workdir else None
-    history = []
+    checkpoint = None
+    if config.resume:
+      if writer is None:
+        raise config_lib.ConfigError("--resume: needs --workdir")
+      checkpoint = writer.load_checkpoint()
+    history = list(checkpoint.history) if checkpoint else []
     x = None
     for level, (size, scale) in enumerate(zip(sizes,
                                               level_scales(config.num_res))):
+      if checkpoint is not None and level < checkpoint.level:
+        continue
       logging.info("level %d/%d: %dx%d px, %d iterations", level + 1,
                    config.num_res, size[0], size[1], iterations[level])
       t0 = time.perf_counter()
       targets = self.level_targets(inputs, size, scale)
-      if x is None:
+      state, first_iter = None, 0
+      if checkpoint is not None and level == checkpoint.level:
+        x = jnp.asarray(checkpoint.x)
+        state = checkpoint.restore_state(self.state_like(x, targets))
+        first_iter = checkpoint.iteration
+        logging.info("resuming level %d at iteration %d", level + 1,
+                     first_iter)
+        checkpoint = None
+      elif x is None:
         x = self.initial_images(inputs, size)
       else:
-        x = image_io.resize(x, *size, antialias=False)
+        x = image_io.resize(x, *size, method="torch")
       logging.info("level %d targets built in %.1f s", level + 1,
                    time.perf_counter() - t0)
       on_block = None
       if writer is not None:
-        on_block = lambda records, x_now, it, level=level: writer.block(
-            records, self._rgb(x_now), level, it)
-      x, level_history = self.solve_level(
-          x, targets, level=level, num_iter=iterations[level],
-          on_block=on_block)
+        def on_block(records, x_now, state_now, it, level=level):
+          writer.block(records, self._rgb(x_now), level, it)
+          every = config.checkpoint_every
+          if every and it % every == 0 and it < iterations[level]:
+            writer.save_checkpoint(level, it, x_now, state_now)
+      try:
+        x, state, level_history = self.solve_level(
+            x, targets, level=level, num_iter=iterations[level],
+            state=state, first_iter=first_iter, on_block=on_block)
+      except NonFiniteError as e:
+        if writer is not None:
+          writer.records = history + e.history
+          writer.write_log()
+          writer.final(self._rgb(e.last_finite_x))
+        raise
+      except Interrupted as e:
+        if writer is not None:
+          writer.records = history + e.history
+          writer.save_checkpoint(e.level, e.iteration, e.x, e.state)
+          writer.save_image(CURRENT_NAME, self._rgb(e.x))
+          logging.warning("interrupted at level %d iteration %d: saved %s "
+                          "and a checkpoint; continue with --resume",
+                          e.level + 1, e.iteration,
+                          writer.workdir / CURRENT_NAME)
+        raise
       history += level_history
+      if writer is not None:
+        writer.records = list(history)
+        writer.save_checkpoint(level, iterations[level], x, state)
     rgb = self._rgb(x)
     if config.original_colors and config.mode != "texture":
-      contents = np.stack([np.asarray(image_io.resize(c, height, width))
+      contents = np.stack([
+          np.asarray(image_io.resize(c, height, width, method="torch"))
                            for c in inputs.contents])
       rgb = np.asarray(image_io.match_luminance(rgb, contents))
     paths = writer.final(rgb) if writer is not None else []
@@ -374,8 +457,54 @@ def _log_progress(record, num_iter, seconds):
                seconds, left)
 
 
+class NonFiniteError(FloatingPointError):
+  """The loss turned non-finite; carries the last finite image [N,H,W,3]."""
+
+  def __init__(self, message, last_finite_x, history):
+    super().__init__(message)
+    self.last_finite_x = last_finite_x
+    self.history = history
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C or SIGTERM during a solve, with the state reached."""
+
+  def __init__(self, level, iteration, x, state, history):
+    super().__init__(f"interrupted at level {level + 1} iteration "
+                     f"{iteration}")
+    self.level, self.iteration = level, iteration
+    self.x, self.state, self.history = x, state, history
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A run's position: after `iteration` updates of level `level`.
+
+  x: [N, H, W, 3] preprocessed image; state_leaves: the optimiser state
+  flattened (restored onto the structure `Synthesizer.state_like` gives);
+  history: every log record so far.
+  """
+  level: int
+  iteration: int
+  x: np.ndarray
+  state_leaves: List[np.ndarray]
+  history: List[Dict[str, Any]]
+
+  def restore_state(self, like):
+    leaves, treedef = jax.tree.flatten(like)
+    if len(leaves) != len(self.state_leaves) or any(
+        tuple(a.shape) != tuple(b.shape)
+        for a, b in zip(leaves, self.state_leaves)):
+      raise ValueError("--resume: the checkpoint's optimiser state does not "
+                       "fit this run (different --optimizer or sizes?)")
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(v, a.dtype)
+                  for v, a in zip(self.state_leaves, leaves)])
+
+
 class _Writer:
-  """Writes the workdir: flags, versions, log, intermediates, results."""
+  """Writes the workdir: flags, versions, log, intermediates, results and
+  checkpoints, every file atomically."""
 
   def __init__(self, workdir: pathlib.Path, config: config_lib.Config,
                names: Sequence[str]):
@@ -387,49 +516,105 @@ class _Writer:
       for name in self.names:
         if (self.workdir / name).exists():
           raise fileio.ExistsError(
-              f"{self.workdir / name} exists; pass --overwrite to replace it "
-              "or choose another --workdir")
-    fileio.atomic_write_bytes(
-        self.workdir / FLAGS_NAME,
-        ("\n".join(config.to_flag_lines()) + "\n").encode())
+              f"--workdir: {self.workdir / name} exists; pass --overwrite "
+              "to replace it or choose another --workdir")
+    if not (config.resume or config.overwrite) and (
+        self.workdir / CHECKPOINT_NAME).exists():
+      raise fileio.ExistsError(
+          f"--workdir: {self.workdir} holds an unfinished run; pass --resume "
+          "to continue it or --overwrite to start again")
+    self.flag_lines = config.to_flag_lines()
+    if not config.resume:
+      fileio.atomic_write_bytes(self.workdir / FLAGS_NAME,
+                                ("\n".join(self.flag_lines) + "\n").encode())
     fileio.atomic_write_bytes(
         self.workdir / VERSIONS_NAME,
         json.dumps(software_versions(), indent=2).encode())
-    self.log_path = self.workdir / LOG_NAME
-    self.log_lines: List[str] = []
-    fileio.atomic_write_bytes(self.log_path, b"")
+    self.records: List[Dict[str, Any]] = []
+
+  def write_log(self):
+    text = "".join(json.dumps(r) + "\n" for r in self.records)
+    fileio.atomic_write_bytes(self.workdir / LOG_NAME, text.encode())
+
+  def save_image(self, name, rgb):
+    if len(self.names) == 1:
+      return [image_io.write_image(self.workdir / name, rgb[0],
+                                   mode=self.config.output_mode)]
+    stem, suffix = pathlib.Path(name).stem, pathlib.Path(name).suffix
+    return [image_io.write_image(self.workdir / f"{stem}_{n}{suffix}",
+                                 rgb[n], mode=self.config.output_mode)
+            for n in range(len(self.names))]
 
   def block(self, records, rgb, level, iteration):
-    self.log_lines += [json.dumps(r) for r in records]
-    fileio.atomic_write_bytes(self.log_path,
-                              ("\n".join(self.log_lines) + "\n").encode())
+    self.records += records
+    self.write_log()
     every = self.config.save_every
     if every and iteration % every == 0:
-      for n, name in enumerate(self.names):
-        stem = pathlib.Path(name).stem
-        image_io.write_image(
-            self.workdir / f"{stem}_level{level + 1}_iter{iteration:04d}.png",
-            rgb[n], mode=self.config.output_mode)
+      self.save_image(f"iter_level{level + 1}_{iteration:04d}.png", rgb)
+
+  def save_checkpoint(self, level, iteration, x, state):
+    leaves = jax.device_get(jax.tree.leaves(state))
+    arrays = {f"state_{i:03d}": np.asarray(v) for i, v in enumerate(leaves)}
+    meta = {"level": level, "iteration": iteration,
+            "flags": self.flag_lines, "history": self.records}
+    def write(f):
+      np.savez(f, x=np.asarray(jax.device_get(x)),
+               meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+               **arrays)
+    fileio.atomic_write(self.workdir / CHECKPOINT_NAME, write)
+
+  def load_checkpoint(self) -> Checkpoint:
+    path = self.workdir / CHECKPOINT_NAME
+    if not path.exists():
+      raise config_lib.ConfigError(
+          f"--resume: no checkpoint in {self.workdir} to resume from")
+    try:
+      with np.load(path) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        x = data["x"]
+        leaves = [data[k] for k in sorted(data.files)
+                  if k.startswith("state_")]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"--resume: cannot read the checkpoint {path}: "
+                       f"{e}") from None
+    ignored = ("--print_every", "--save_every", "--checkpoint_every")
+    keep = lambda lines: [l for l in lines if not l.startswith(ignored)]
+    if keep(meta["flags"]) != keep(self.flag_lines):
+      changed = sorted(set(keep(self.flag_lines)) ^ set(keep(meta["flags"])))
+      raise config_lib.ConfigError(
+          f"--resume: the flags differ from the checkpointed run's in "
+          f"{changed}; resume with the same flags (--flagfile="
+          f"{self.workdir / FLAGS_NAME})")
+    self.records = list(meta["history"])
+    return Checkpoint(meta["level"], meta["iteration"], x, leaves,
+                      meta["history"])
 
   def final(self, rgb) -> List[pathlib.Path]:
-    return [image_io.write_image(self.workdir / name, rgb[n],
-                                 mode=self.config.output_mode)
-            for n, name in enumerate(self.names)]
+    self.write_log()
+    paths = []
+    for n, name in enumerate(self.names):
+      paths.append(image_io.write_image(self.workdir / name, rgb[n],
+                                        mode=self.config.output_mode))
+    for name in (CHECKPOINT_NAME, CURRENT_NAME):
+      if (self.workdir / name).exists():
+        (self.workdir / name).unlink()
+    return paths
 
 
 def software_versions() -> Dict[str, str]:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxopt  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  return {
-      "cnnmrf_jax": cnnmrf_jax.__version__, "jax": jax.__version__,
-      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
-      else "", "flax": flax.__version__, "optax": optax.__version__,
-      "jaxopt": jaxopt.__version__, "numpy": np.__version__,
-      "python": sys.version.split()[0], "platform": platform.platform(),
-      "backend": jax.default_backend(),
-      "devices": ", ".join(str(d) for d in jax.devices()),
-  }
+  """Versions of everything that shapes a result, for the workdir."""
+  versions = {"python": sys.version.split()[0],
+              "platform": platform.platform(),
+              "backend": jax.default_backend(),
+              "devices": ", ".join(str(d) for d in jax.devices())}
+  for package in ("cnnmrf_jax", "jax", "jaxlib", "flax", "optax", "jaxopt",
+                  "numpy", "pillow"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = "not installed"
+  versions["cnnmrf_jax"] = cnnmrf_jax.__version__
+  return versions
 
 
 # --------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_flag_file_parses_and_its_run_starts(path, tiny_images, random_vgg19,
 def test_resolved_flag_file_reproduces_the_run(tiny_images, random_vgg19,
                                                tmp_path):
   config = parse(["--mode=texture", f"--style_image={tiny_images['style']}",
-                  "--max_size=40", "--num_res=2", "--num_iter=2,3",
+                  "--max_size=48", "--num_res=2", "--num_iter=2,3",
+                  "--mrf_layers=relu2_1,relu3_1",
                   "--seed=7", "--mrf_weight=1e-4,2e-4"])
   first = synthesize.run(config, str(tmp_path / "a"), params=random_vgg19[0],
                          convention=random_vgg19[1])
@@ -82,7 +83,8 @@ def test_command_line_error_is_one_line_and_nonzero(tmp_path):
   assert "--num_iter" in proc.stderr
   missing = subprocess.run(
       [sys.executable, "-m", "cnnmrf_jax.main", f"--workdir={tmp_path}",
-       f"--content_image={tmp_path / 'nope.png'}", "--style_image=b.png"],
+       f"--content_image={tmp_path / 'nope.png'}",
+       "--style_image=example:chelsea"],
       capture_output=True, text=True, timeout=120)
   assert missing.returncode != 0
   assert "nope.png" in missing.stderr

@@ -35,6 +35,8 @@ def atomic_open(path: PathLike, *, overwrite: bool = True
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                              suffix=".tmp")
   try:
+    # mkstemp makes the file 0600; results should get the usual 0666 & ~umask.
+    os.chmod(tmp, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       yield f
       f.flush()
@@ -44,6 +46,12 @@ def atomic_open(path: PathLike, *, overwrite: bool = True
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], *,

@@ -1,0 +1,180 @@
+"""Loss terms of CNNMRF (Li & Wand, CVPR 2016) and the Gatys baseline.
+
+Pure, jit-able functions of one example (features [H, W, C], image
+[H, W, 3]); a driver vmaps them over a batch axis. Each returns a scalar in
+the features' dtype (`mrf_loss` also returns match statistics). The
+objective of CNNMRF (Eq. 1) is
+
+    E_s(Phi(x), Phi(x_s)) + a1 * E_c(Phi(x), Phi(x_c)) + a2 * Y(x),
+
+with E_s the MRF term (Eq. 2, `mrf_loss`), E_c the content term (Eq. 4,
+`content_loss`) and Y the squared-gradient smoothness prior (Eq. 5,
+`tv_loss`). `gram_matrix`, `blend_grams` and `gram_loss` are the style term of
+Gatys et al. (CVPR 2016), the baseline mode.
+"""
+
+from typing import Dict, Sequence, Tuple
+
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from cnnmrf_jax import patches as patches_lib
+
+
+def _check_rank3(x, name: str, what: str = "[H, W, C]") -> None:
+  if x.ndim != 3:
+    raise ValueError(f"{name} must be a single {what} array (vmap over "
+                     f"batches), got shape {x.shape}")
+
+
+def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
+             weight: float, patch_size: int = 3, stride: int = 2,
+             threshold: float = 0.0,
+             chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE
+             ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  """MRF style loss of one layer (Eq. 2), as the reference applies it.
+
+  Synthesis patches are taken on the stride-plus-tail grid of `features`
+  and matched to the bank by NCC (Eq. 3, `patches.match`; no gradient flows
+  through the matching). Matches with score >= threshold are kept (all-zero
+  patches never are); their style patches are folded back into an
+  overlap-averaged target Tbar on the positions they cover. Then
+
+    loss = weight / 2 * sum over covered positions of (F - Tbar)^2,
+
+  Tbar held constant, so dloss/dF = weight * (F - Tbar) on covered positions
+  and 0 elsewhere: exactly the gradient the reference code injects (it adds
+  t_NN(i) - p_i over each patch window and divides by the coverage count;
+  it never computes a loss value).
+
+  Args:
+    features: [H, W, C] synthesis features Phi_l(x).
+    bank: PatchBank of the style's features at the same layer, built with
+      the same patch_size (D = patch_size^2 * C).
+    weight: the layer's MRF weight (1e-4 per layer on the Caffe scale).
+    threshold: minimum NCC for a match to count.
+
+  Returns:
+    (loss, stats); stats holds scalars 'mean_ncc' (mean score of the kept
+    matches, 0 when none), 'num_matched' (kept matches, int32) and
+    'num_distinct' (distinct bank patches among them, int32).
+  """
+  _check_rank3(features, "mrf_loss: features")
+  height, width, channels = features.shape
+  d = patch_size * patch_size * channels
+  if bank.patches.ndim != 2 or bank.patches.shape[1] != d:
+    raise ValueError(
+        f"mrf_loss: the bank's patches must be [M, {d}] for patch_size="
+        f"{patch_size} and C={channels}, got {bank.patches.shape} (bank "
+        f"built from another layer or patch size?)")
+  fold_kw = dict(height=height, width=width, channels=channels,
+                 patch_size=patch_size, stride=stride)
+
+  constant = lax.stop_gradient(features)
+  synth = patches_lib.extract_patches(constant, patch_size=patch_size,
+                                      stride=stride)
+  indices, scores = patches_lib.match(synth, bank, chunk_size=chunk_size)
+  keep = (scores >= threshold) & (scores > -jnp.inf)
+  targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
+  summed, count = patches_lib.fold(targets, mask=keep, **fold_kw)
+  covered = count > 0
+  tbar = lax.stop_gradient(
+      jnp.where(covered, summed / jnp.where(covered, count, 1), 0))
+  residual = jnp.where(covered, features - tbar, 0)
+  loss = 0.5 * weight * jnp.sum(jnp.square(residual))
+
+  num_matched = jnp.sum(keep, dtype=jnp.int32)
+  used = jnp.zeros(bank.patches.shape[:1], jnp.int32).at[indices].max(
+      keep.astype(jnp.int32))
+  stats = {
+      "mean_ncc": jnp.sum(jnp.where(keep, scores, 0)) /
+                  jnp.maximum(num_matched, 1).astype(scores.dtype),
+      "num_matched": num_matched,
+      "num_distinct": jnp.sum(used, dtype=jnp.int32),
+  }
+  return loss, stats
+
+
+def content_loss(features: jnp.ndarray, target: jnp.ndarray, *,
+                 weight: float) -> jnp.ndarray:
+  """E_c (Eq. 4) = weight * mean((F - T)^2); F, T [H, W, C].
+
+  The reference's form (w_c = 20 on the Caffe activation scale); the mean,
+  not the sum, keeps the weight independent of the image size.
+  """
+  _check_rank3(features, "content_loss: features")
+  if target.shape != features.shape:
+    raise ValueError(f"content_loss: target shape {target.shape} does not "
+                     f"match features shape {features.shape}")
+  return weight * jnp.mean(jnp.square(features - target))
+
+
+def tv_loss(image: jnp.ndarray, *, weight: float) -> jnp.ndarray:
+  """Y(x) (Eq. 5), the reference's exact form; image [H, W, C], H, W >= 2.
+
+  weight / 2 * sum over i < H-1, j < W-1 of
+  (x[i, j+1] - x[i, j])^2 + (x[i+1, j] - x[i, j])^2: both differences are
+  taken on the same top-left [H-1, W-1] block, so the last row's horizontal
+  and the last column's vertical differences are left out, as there.
+  """
+  _check_rank3(image, "tv_loss: image", "[H, W, 3]")
+  if image.shape[0] < 2 or image.shape[1] < 2:
+    raise ValueError(f"tv_loss: image must be at least 2 x 2, got shape "
+                     f"{image.shape}")
+  corner = image[:-1, :-1]
+  dx = image[:-1, 1:] - corner
+  dy = image[1:, :-1] - corner
+  return 0.5 * weight * (jnp.sum(jnp.square(dx)) + jnp.sum(jnp.square(dy)))
+
+
+def gram_matrix(features: jnp.ndarray) -> jnp.ndarray:
+  """G = F^T F / M: features [H, W, C] -> [C, C], M = H * W positions.
+
+  Normalised by the number of positions so that Gram matrices of style
+  images of different sizes can be blended (Gatys' G is M times this).
+  """
+  _check_rank3(features, "gram_matrix: features")
+  flat = features.reshape(-1, features.shape[-1])
+  return jnp.dot(flat.T, flat) / flat.shape[0]
+
+
+def blend_grams(grams: Sequence[jnp.ndarray],
+                weights: Sequence[float]) -> jnp.ndarray:
+  """sum_k w_k G_k / sum_k w_k: [C, C] Gram matrices of several styles."""
+  if not len(grams):
+    raise ValueError("blend_grams needs at least one Gram matrix")
+  if len(weights) != len(grams):
+    raise ValueError(f"blend_grams: {len(grams)} Gram matrices but "
+                     f"{len(weights)} weights")
+  shape = grams[0].shape
+  for i, g in enumerate(grams):
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape != shape:
+      raise ValueError(f"blend_grams: grams[{i}] has shape {g.shape}; all "
+                       f"must be the same square [C, C] (first: {shape})")
+  w = np.asarray(weights, np.float64)
+  if np.any(w < 0) or not w.sum() > 0:
+    raise ValueError(f"blend_grams: weights must be non-negative with a "
+                     f"positive sum, got {list(weights)}")
+  w = w / w.sum()
+  return sum(float(wk) * g for wk, g in zip(w, grams))
+
+
+def gram_loss(features: jnp.ndarray, target_gram: jnp.ndarray, *,
+              weight: float) -> jnp.ndarray:
+  """Gatys' style loss of one layer: weight / (4 N^2) * ||G - A||^2.
+
+  features [H, W, C] (N = C channels, M = H * W positions), target_gram
+  [C, C] from `gram_matrix` / `blend_grams`. With Gatys' unnormalised
+  G' = F^T F = M G and A' = M A this equals his
+  weight / (4 N^2 M^2) * ||G' - A'||^2 (SPEC section 3), now also defined
+  when the style and the synthesis differ in size.
+  """
+  _check_rank3(features, "gram_loss: features")
+  channels = features.shape[-1]
+  if target_gram.shape != (channels, channels):
+    raise ValueError(f"gram_loss: target_gram must be [{channels}, "
+                     f"{channels}] for features with C={channels}, got "
+                     f"{target_gram.shape}")
+  diff = gram_matrix(features) - target_gram
+  return weight / (4.0 * channels ** 2) * jnp.sum(jnp.square(diff))

@@ -1,0 +1,430 @@
+"""Neural patches: extraction, style augmentation, NCC matching, folding.
+
+CNNMRF (Li & Wand, CVPR 2016) compares k x k x C patches Psi_i(Phi(x)) of a
+feature map with patches Psi_j(Phi(x_s)) of the style's map (Eq. 2) and pairs
+each synthesis patch with its best match by normalised cross-correlation
+(Eq. 3; the paper prints argmin, the reference code takes the argmax):
+
+    NN(i) = argmax_j <Psi_i(Phi(x)), Psi_j(Phi(x_s))>
+                     / (|Psi_i(Phi(x))| |Psi_j(Phi(x_s))|).
+
+Patches are sampled on a "stride plus tail" grid: range(0, size - k + 1,
+stride) plus the last start position size - k when the stride skips it, so
+the borders are covered, as the reference code does on both sides.
+
+Everything here works on one example (features [H, W, C]) with static
+shapes, so a driver can `jax.vmap` it over a batch axis and `jax.jit` it.
+A patch is flattened in (kh, kw, C) order, D = k * k * C.
+
+Why matching is a chunked matmul: the score matrix is [M, P] (style patches
+by synthesis patches), ~0.4 GiB at 384 px with 9 style copies and growing
+with the fourth power of the side, so it is never built whole: `match` scans
+over chunks of the bank keeping a running max and argmax. On XLA:CPU a
+matmul of sliced patch rows beats a convolution with the style patches as
+filters by 2.6-4x (STYLE.md). Scoring a chunk as [chunk, P] and reducing
+over the leading axis with max, then the lowest index equal to the max, ran
+10-25 % faster than [P, chunk] with jnp.argmax in a round-robin comparison
+on this 2-core CPU; with 512-row chunks the scan was no slower than one
+unchunked matmul (whose [M, P] output falls out of cache).
+"""
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+from PIL import Image
+
+# benchmarks/bench_matching.py on a 2-core CPU: chunks of 256 to 1024 were
+# within noise (+-10 %) of each other for relu3_1 / relu4_1 at 256-512 px
+# with 1 and 9 copies; 2048 and 4096 were up to 1.2-1.5x slower. 512 keeps
+# the per-step score block at chunk * P * 4 bytes (8 MiB at 512 px relu3_1).
+DEFAULT_CHUNK_SIZE = 512
+
+
+def grid_positions(size: int, patch_size: int, stride: int) -> np.ndarray:
+  """Start indices of patches along one axis: stride plus tail.
+
+  Returns int32 [n]: range(0, size - patch_size + 1, stride), plus
+  size - patch_size if the stride does not land on it, so the last
+  patch_size rows (columns) are always covered; with stride <= patch_size
+  every position is.
+  """
+  for name, value in (("size", size), ("patch_size", patch_size),
+                      ("stride", stride)):
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if size < patch_size:
+    raise ValueError(f"a feature map of side {size} is smaller than the "
+                     f"patch size {patch_size}")
+  last = size - patch_size
+  positions = list(range(0, last + 1, stride))
+  if positions[-1] != last:
+    positions.append(last)
+  return np.asarray(positions, np.int32)
+
+
+def num_patches(height: int, width: int, patch_size: int, stride: int) -> int:
+  """Number of patches on the stride-plus-tail grid of a [height, width] map."""
+  return (len(grid_positions(height, patch_size, stride)) *
+          len(grid_positions(width, patch_size, stride)))
+
+
+def _take_grid(x: jnp.ndarray, axis: int, offset: int, size: int,
+               patch_size: int, stride: int) -> jnp.ndarray:
+  """x indexed along `axis` at grid_positions(...) + offset.
+
+  Uses a strided slice for the regular part and one more slice for the tail,
+  so the transpose (used by `fold`) is a cheap pad rather than a scatter.
+  """
+  last = size - patch_size
+  count = last // stride + 1
+  start = offset
+  limit = offset + (count - 1) * stride + 1
+  regular = lax.slice_in_dim(x, start, limit, stride, axis)
+  if (count - 1) * stride == last:
+    return regular
+  tail = lax.slice_in_dim(x, offset + last, offset + last + 1, 1, axis)
+  return lax.concatenate([regular, tail], axis)
+
+
+def _check_map(features, what: str = "features") -> None:
+  if features.ndim != 3:
+    raise ValueError(f"{what} must be a single feature map [H, W, C] (vmap "
+                     f"over batches), got shape {features.shape}")
+
+
+def extract_patches(features: jnp.ndarray, *, patch_size: int = 3,
+                    stride: int = 1) -> jnp.ndarray:
+  """Patches of a feature map on the stride-plus-tail grid.
+
+  Args:
+    features: [H, W, C].
+    patch_size: k, the patch side.
+    stride: grid step (the tail position is added, see `grid_positions`).
+
+  Returns:
+    [P, D]: P = len(rows) * len(cols) patches in row-major grid order,
+    D = k * k * C in (kh, kw, C) order.
+  """
+  _check_map(features)
+  height, width, channels = features.shape
+  rows = grid_positions(height, patch_size, stride)
+  cols = grid_positions(width, patch_size, stride)
+  taps = []
+  for di in range(patch_size):
+    band = _take_grid(features, 0, di, height, patch_size, stride)
+    for dj in range(patch_size):
+      taps.append(_take_grid(band, 1, dj, width, patch_size, stride))
+  # [R, Cc, k*k, C] -> [P, D]: the (kh, kw) tap index is major to C.
+  stacked = jnp.stack(taps, axis=2)
+  return stacked.reshape(len(rows) * len(cols),
+                         patch_size * patch_size * channels)
+
+
+def fold(patches: jnp.ndarray, *, height: int, width: int, channels: int,
+         patch_size: int, stride: int, mask: Optional[jnp.ndarray] = None
+         ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Places patches back at their grid positions, summing overlaps.
+
+  The adjoint of `extract_patches` (computed with jax.linear_transpose, so
+  the two can never disagree on layout).
+
+  Args:
+    patches: [P, D] in `extract_patches` layout for a [height, width,
+      channels] map.
+    mask: optional [P] bool or 0/1; patches with mask 0 are left out of both
+      the sum and the count.
+
+  Returns:
+    summed [H, W, C] and count [H, W, 1], the number of (kept) patches
+    covering each position, in the patches' dtype.
+  """
+  p = num_patches(height, width, patch_size, stride)
+  d = patch_size * patch_size * channels
+  if patches.shape != (p, d):
+    raise ValueError(
+        f"fold: expected patches of shape [{p}, {d}] for a [{height}, "
+        f"{width}, {channels}] map with patch_size={patch_size}, "
+        f"stride={stride}, got {patches.shape}")
+  if mask is not None and mask.shape != (p,):
+    raise ValueError(f"fold: mask must have shape [{p}], got {mask.shape}")
+  dtype = patches.dtype
+
+  def transpose_of(c):
+    extract = lambda f: extract_patches(f, patch_size=patch_size,
+                                        stride=stride)
+    return jax.linear_transpose(
+        extract, jax.ShapeDtypeStruct((height, width, c), dtype))
+
+  ones = jnp.ones((p, patch_size * patch_size), dtype)
+  if mask is not None:
+    weights = mask.astype(dtype)
+    patches = patches * weights[:, None]
+    ones = ones * weights[:, None]
+  (summed,) = transpose_of(channels)(patches)
+  (count,) = transpose_of(1)(ones)
+  return summed, count
+
+
+class PatchBank(NamedTuple):
+  """Style patches ready for matching; a pytree of arrays only.
+
+  Built once per pyramid level; a driver may stack banks of equal M along a
+  leading batch axis and vmap over it.
+
+  Attributes:
+    patches: [M, D] raw style patches Psi_j(Phi(x_s)), the targets.
+    inv_norms: [M] 1 / |Psi_j|, 0 where the patch is all zero.
+    valid: [M] bool, False for all-zero patches, which are never matched
+      (their NCC is 0/0 in the reference).
+  """
+  patches: jnp.ndarray
+  inv_norms: jnp.ndarray
+  valid: jnp.ndarray
+
+
+def bank_size(shapes: Sequence[Sequence[int]], patch_size: int = 3,
+              stride: int = 2) -> int:
+  """M of `build_bank` for maps of these shapes ((H, W) or (H, W, C))."""
+  return sum(num_patches(int(s[0]), int(s[1]), patch_size, stride)
+             for s in shapes)
+
+
+def build_bank(feature_maps: Sequence[jnp.ndarray], *, patch_size: int = 3,
+               stride: int = 2) -> PatchBank:
+  """Patches of every style map (augmented copy or style image), normalised.
+
+  Args:
+    feature_maps: sequence of [H_i, W_i, C] (sizes may differ, C may not).
+
+  Returns:
+    PatchBank with M = bank_size(shapes) patches, map by map in order.
+  """
+  if not len(feature_maps):
+    raise ValueError("build_bank needs at least one feature map")
+  for i, f in enumerate(feature_maps):
+    _check_map(f, f"feature_maps[{i}]")
+  channels = {f.shape[-1] for f in feature_maps}
+  if len(channels) != 1:
+    raise ValueError(f"build_bank: all style maps must have the same number "
+                     f"of channels, got {sorted(channels)}")
+  patches = jnp.concatenate(
+      [extract_patches(f, patch_size=patch_size, stride=stride)
+       for f in feature_maps], axis=0)
+  sq_norms = jnp.sum(jnp.square(patches), axis=1)
+  valid = sq_norms > 0
+  inv_norms = jnp.where(valid, lax.rsqrt(jnp.where(valid, sq_norms, 1)), 0)
+  return PatchBank(patches=patches, inv_norms=inv_norms.astype(patches.dtype),
+                   valid=valid)
+
+
+def _check_bank(patches, bank: PatchBank) -> None:
+  if patches.ndim != 2:
+    raise ValueError(f"patches must be [P, D] (vmap over batches), got shape "
+                     f"{patches.shape}")
+  if bank.patches.ndim != 2:
+    raise ValueError(f"bank.patches must be [M, D] (vmap over batches), got "
+                     f"shape {bank.patches.shape}")
+  m, d = bank.patches.shape
+  if patches.shape[1] != d:
+    raise ValueError(f"patch length mismatch: synthesis patches have D="
+                     f"{patches.shape[1]}, the bank has D={d} (different "
+                     f"layer, channels or patch size?)")
+  if bank.inv_norms.shape != (m,) or bank.valid.shape != (m,):
+    raise ValueError(f"bank.inv_norms and bank.valid must be [{m}], got "
+                     f"{bank.inv_norms.shape} and {bank.valid.shape}")
+  if m == 0:
+    raise ValueError("the patch bank is empty")
+
+
+def _score_block(patches, block, inv_norms, valid):
+  """Scores [c, P] of a block of c bank patches: <p, t> / |t| (|p| later).
+
+  Invalid (all-zero or padding) bank rows score -inf so they never win.
+  """
+  dots = lax.dot_general(block, patches, (((1,), (1,)), ((), ())))
+  return jnp.where(valid[:, None], dots * inv_norms[:, None], -jnp.inf)
+
+
+def _block_best(scores):
+  """Max over the block axis and its lowest index: ([P], [P] int32).
+
+  max then min-index-of-equals vectorises on XLA:CPU, where the variadic
+  reduce behind jnp.argmax does not (~10-20 % of the whole match).
+  """
+  best = jnp.max(scores, axis=0)
+  iota = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+  first = jnp.min(jnp.where(scores == best[None, :], iota, scores.shape[0]),
+                  axis=0)
+  # A column of all -inf (only invalid rows) equals its max everywhere; any
+  # index is fine there since -inf never beats the running best.
+  return best, first.astype(jnp.int32)
+
+
+def match(patches: jnp.ndarray, bank: PatchBank, *,
+          chunk_size: int = DEFAULT_CHUNK_SIZE
+          ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Nearest style patch by normalised cross-correlation (Eq. 3).
+
+  Scans over chunks of `chunk_size` bank patches keeping a running max and
+  argmax, so memory grows with chunk_size * P, not M * P. The last partial
+  chunk is scored outside the scan instead of padding the bank (padding to a
+  round size costs as much as the extra rows). Ties go to the lowest bank
+  index, as np.argmax; the result does not depend on chunk_size.
+
+  Args:
+    patches: [P, D] synthesis patches.
+    bank: PatchBank with patches [M, D].
+    chunk_size: bank patches scored per step.
+
+  Returns:
+    indices [P] int32 into the bank and scores [P] (the NCC, in the patches'
+    dtype). A synthesis patch that is all zero, or that meets only all-zero
+    bank patches, is unmatched: score -inf and index 0.
+  """
+  _check_bank(patches, bank)
+  if int(chunk_size) != chunk_size or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive integer, got "
+                     f"{chunk_size!r}")
+  m, d = bank.patches.shape
+  num_p = patches.shape[0]
+  dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
+  patches = patches.astype(dtype)
+  chunk = min(int(chunk_size), m)
+  num_full = m // chunk
+
+  def update(carry, start, size):
+    best, best_index = carry
+    block = lax.dynamic_slice_in_dim(bank.patches, start, size, 0)
+    inv = lax.dynamic_slice_in_dim(bank.inv_norms, start, size, 0)
+    valid = lax.dynamic_slice_in_dim(bank.valid, start, size, 0)
+    score, index = _block_best(
+        _score_block(patches, block.astype(dtype), inv.astype(dtype), valid))
+    # Strictly greater: an earlier chunk keeps its tie.
+    better = score > best
+    return (jnp.where(better, score, best),
+            jnp.where(better, index + start, best_index))
+
+  carry = (jnp.full((num_p,), -jnp.inf, dtype), jnp.zeros((num_p,),
+                                                          jnp.int32))
+  if num_full == 1:
+    carry = update(carry, 0, chunk)
+  else:
+    carry = lax.fori_loop(
+        0, num_full,
+        lambda i, c: update(c, (i * chunk).astype(jnp.int32), chunk), carry)
+  if m > num_full * chunk:
+    carry = update(carry, num_full * chunk, m - num_full * chunk)
+  best, best_index = carry
+
+  sq_norms = jnp.sum(jnp.square(patches), axis=1)
+  has_norm = sq_norms > 0
+  scores = jnp.where(has_norm,
+                     best * lax.rsqrt(jnp.where(has_norm, sq_norms, 1)),
+                     -jnp.inf)
+  matched = scores > -jnp.inf
+  return jnp.where(matched, best_index, 0), scores
+
+
+def _rotated_crop_size(width: int, height: int, radians: float
+                       ) -> Tuple[float, float]:
+  """Largest axis-aligned rectangle inside a rotated width x height one.
+
+  Centre both at the origin; by symmetry the best rectangle is centred with
+  half-sides (a, b) >= 0, and it fits iff its corners stay inside the rotated
+  rectangle: a*c + b*s <= width/2 and a*s + b*c <= height/2 (c = |cos|,
+  s = |sin|). Maximising a*b under two linear constraints: the optimum lies
+  where one constraint alone is tight at its own maximiser (a, b halfway
+  along it), or where both are tight. Returns (full width, full height).
+  """
+  c, s = abs(math.cos(radians)), abs(math.sin(radians))
+  half_w, half_h = width / 2.0, height / 2.0
+  fits = lambda a, b: (a * c + b * s <= half_w * (1 + 1e-9) and
+                       a * s + b * c <= half_h * (1 + 1e-9))
+  candidates = []
+  if s < 1e-12:
+    candidates.append((half_w / c, half_h / c))
+  elif c < 1e-12:
+    candidates.append((half_h / s, half_w / s))
+  else:
+    candidates += [(half_w / (2 * c), half_w / (2 * s)),
+                   (half_h / (2 * s), half_h / (2 * c))]
+    det = c * c - s * s
+    if abs(det) > 1e-12:
+      a = (half_w * c - half_h * s) / det
+      b = (half_h * c - half_w * s) / det
+      if a >= 0 and b >= 0:
+        candidates.append((a, b))
+  a, b = max((ab for ab in candidates if fits(*ab)),
+             key=lambda ab: ab[0] * ab[1])
+  return 2 * a, 2 * b
+
+
+def _map_channels(image: np.ndarray, fn) -> np.ndarray:
+  """Applies a PIL operation per channel in float mode 'F' (no 8-bit loss)."""
+  return np.stack([np.asarray(fn(Image.fromarray(
+      np.ascontiguousarray(image[..., i]), mode="F")), np.float32)
+                   for i in range(image.shape[-1])], axis=-1)
+
+
+def _rotate_and_crop(image: np.ndarray, degrees: float) -> np.ndarray:
+  height, width = image.shape[:2]
+  rotated = _map_channels(
+      image, lambda im: im.rotate(degrees, resample=Image.BILINEAR,
+                                  expand=True))
+  crop_w, crop_h = _rotated_crop_size(width, height, math.radians(degrees))
+  # Rounding down keeps every output pixel centre inside the source image;
+  # PIL's bilinear clamps neighbours at the source border there, so nothing
+  # blends with the blank outside (checked in tests/patches_test.py).
+  crop_w = max(int(math.floor(crop_w)), 1)
+  crop_h = max(int(math.floor(crop_h)), 1)
+  top = (rotated.shape[0] - crop_h) // 2
+  left = (rotated.shape[1] - crop_w) // 2
+  return rotated[top:top + crop_h, left:left + crop_w]
+
+
+def _scale(image: np.ndarray, factor: float) -> np.ndarray:
+  height, width = image.shape[:2]
+  size = (max(int(round(width * factor)), 1),
+          max(int(round(height * factor)), 1))
+  return _map_channels(image, lambda im: im.resize(size, Image.BILINEAR))
+
+
+def augment_style(image: np.ndarray, *, num_rotations: int = 0,
+                  num_scales: int = 0, rotation_step: float = 7.5,
+                  scale_step: float = 1.05) -> List[np.ndarray]:
+  """Rotated and scaled copies of a style image (host side, PIL).
+
+  As the reference: rotations by k * rotation_step degrees (counter-
+  clockwise), k in [-R, R], each cropped to the largest axis-aligned
+  rectangle inside the rotated image (no blank corners); then each is
+  resized by scale_step ** k, k in [-S, S] (both sides, aspect kept, long
+  side rounded). The copy for k = 0, 0 is the image itself, unchanged.
+
+  Args:
+    image: [H, W, 3] float32 RGB in [0, 1].
+
+  Returns:
+    (2R + 1) * (2S + 1) float32 arrays [H_i, W_i, 3], rotation-major.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3:
+    raise ValueError(f"augment_style expects one image [H, W, 3], got shape "
+                     f"{image.shape}")
+  for name, value in (("num_rotations", num_rotations),
+                      ("num_scales", num_scales)):
+    if int(value) != value or value < 0:
+      raise ValueError(f"{name} must be a non-negative integer, got "
+                       f"{value!r}")
+  if scale_step <= 0:
+    raise ValueError(f"scale_step must be positive, got {scale_step}")
+  image = image.astype(np.float32)
+  copies = []
+  for r in range(-num_rotations, num_rotations + 1):
+    rotated = image if r == 0 else _rotate_and_crop(image, r * rotation_step)
+    for s in range(-num_scales, num_scales + 1):
+      copies.append(rotated if s == 0 else _scale(rotated, scale_step ** s))
+  return copies

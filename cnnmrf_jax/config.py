@@ -17,6 +17,8 @@ from cnnmrf_jax import vgg
 MODES = ("transfer", "texture", "gatys")
 OPTIMIZERS = ("lbfgs", "optax_lbfgs", "adam")
 OUTPUT_MODES = ("stretch", "clip")
+MATCHINGS = ("matmul", "conv")  # patches.MATCHINGS
+DTYPES = ("float32", "bfloat16")
 INITS = ("content", "noise")  # or a path to an image file
 GATYS_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
@@ -47,6 +49,9 @@ class Config:
   num_scales: int = 0
   confidence_threshold: float = 0.0
   chunk_size: int = 0  # 0: patches' default
+  # How the matching runs, not what it computes: a matmul of extracted
+  # patches (the faster on CPU) or a conv with the style patches as filters.
+  matching: str = "matmul"
   # Content term (Eq. 3) and smoothness prior (Eq. 4).
   content_layers: Tuple[str, ...] = ("relu4_2",)
   content_weight: float = 20.0
@@ -55,7 +60,8 @@ class Config:
   style_layers: Tuple[str, ...] = GATYS_STYLE_LAYERS
   style_weight: float = 1e3
   # Initialisation, optimiser, network.
-  init: str = ""  # '' = mode default: content for transfer/gatys, noise for texture
+  # '' = the mode's default: content (transfer, gatys) or noise (texture).
+  init: str = ""
   init_noise_std: float = 1e-3
   seed: int = 0
   optimizer: str = "lbfgs"
@@ -64,6 +70,9 @@ class Config:
   network: str = "vgg19"
   weights: str = ""  # '' = the fetched default for --network
   pooling: str = "max"
+  # Compute dtype of the VGG and of the matching products: float32, or
+  # bfloat16 (accelerators); losses, gradients and L-BFGS stay float32.
+  dtype: str = "float32"
   # Output.
   original_colors: bool = False
   output_mode: str = "stretch"
@@ -72,6 +81,14 @@ class Config:
   checkpoint_every: int = 0
   overwrite: bool = False
   resume: bool = False
+  # Memory check (memory.py): refuse runs estimated not to fit in the
+  # available memory, or in max_memory_gb GiB when > 0.
+  check_memory: bool = True
+  max_memory_gb: float = 0.0
+  # A directory for JAX's persistent compilation cache ('' = none): later
+  # runs of the same shapes load their compiled programs instead of
+  # compiling them again (~10 s per pyramid level on a 2-core CPU).
+  compilation_cache: str = ""
 
   # -- derived values --------------------------------------------------------
 
@@ -123,6 +140,11 @@ class Config:
     if self.optimizer not in OPTIMIZERS:
       fail("optimizer",
            f"got {self.optimizer!r}; expected one of {OPTIMIZERS}")
+    if self.matching not in MATCHINGS:
+      fail("matching",
+           f"got {self.matching!r}; expected one of {MATCHINGS}")
+    if self.dtype not in DTYPES:
+      fail("dtype", f"got {self.dtype!r}; expected one of {DTYPES}")
     if self.output_mode not in OUTPUT_MODES:
       fail("output_mode",
            f"got {self.output_mode!r}; expected one of {OUTPUT_MODES}")
@@ -153,6 +175,7 @@ class Config:
                   nonnegative=True)
     _check_finite("learning_rate", [self.learning_rate], nonnegative=True)
     _check_finite("scaler", [self.scaler], nonnegative=True)
+    _check_finite("max_memory_gb", [self.max_memory_gb], nonnegative=True)
     if self.scaler <= 0:
       fail("scaler", f"expected a positive number, got {self.scaler}")
     if not -1.0 <= self.confidence_threshold <= 1.0:
@@ -200,11 +223,12 @@ class Config:
       stride = vgg.downsampling_of(layer, self.network)
       fh, fw = math.ceil(height / stride), math.ceil(width / stride)
       if min(fh, fw) < self.patch_size:
+        fix = ("raise --max_size" if self.num_res == 1 else
+               f"raise --max_size or lower --num_res (now {self.num_res})")
         raise ConfigError(
             f"--{flag}: at the coarsest level the image is {height}x{width} "
             f"px, so {layer} is {fh}x{fw}, smaller than a "
-            f"{self.patch_size}x{self.patch_size} patch; raise --max_size or "
-            f"lower --num_res (now {self.num_res})")
+            f"{self.patch_size}x{self.patch_size} patch; {fix}")
 
   # -- flag files ------------------------------------------------------------
 
@@ -213,7 +237,8 @@ class Config:
     lines = []
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name in ("resume", "overwrite"):
+      if field.name in ("resume", "overwrite", "check_memory",
+                        "max_memory_gb", "compilation_cache"):
         continue  # how this run was started, not what it computes
       if isinstance(value, tuple):
         value = ",".join(_format(v) for v in value)

@@ -42,9 +42,11 @@ def atomic_open(path: PathLike, *, overwrite: bool = True
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
+    if isinstance(e, OSError) and e.errno and not e.filename:
+      e.filename = str(path)  # so "No space left on device" says where
     raise
 
 

@@ -31,7 +31,8 @@ def _check_rank3(x, name: str, what: str = "[H, W, C]") -> None:
 def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
              weight: float, patch_size: int = 3, stride: int = 2,
              threshold: float = 0.0,
-             chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE
+             chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
+             matching: str = "matmul", compute_dtype=None
              ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """MRF style loss of one layer (Eq. 2), as the reference applies it.
 
@@ -54,6 +55,9 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
       the same patch_size (D = patch_size^2 * C).
     weight: the layer's MRF weight (1e-4 per layer on the Caffe scale).
     threshold: minimum NCC for a match to count.
+    chunk_size, matching, compute_dtype: how the matching runs
+      (`patches.match_map`: bank patches per step, 'matmul' or 'conv', the
+      dtype of the score products); not what it computes.
 
   Returns:
     (loss, stats); stats holds scalars 'mean_ncc' (mean score of the kept
@@ -71,10 +75,10 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   fold_kw = dict(height=height, width=width, channels=channels,
                  patch_size=patch_size, stride=stride)
 
-  constant = lax.stop_gradient(features)
-  synth = patches_lib.extract_patches(constant, patch_size=patch_size,
-                                      stride=stride)
-  indices, scores = patches_lib.match(synth, bank, chunk_size=chunk_size)
+  indices, scores = patches_lib.match_map(
+      lax.stop_gradient(features), bank, patch_size=patch_size,
+      stride=stride, chunk_size=chunk_size, method=matching,
+      compute_dtype=compute_dtype)
   keep = (scores >= threshold) & (scores > -jnp.inf)
   targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
   summed, count = patches_lib.fold(targets, mask=keep, **fold_kw)

@@ -8,6 +8,7 @@ field of `config.Config` (see there for what each does). A bad flag or
 combination fails before any work with a one-line message naming the flag.
 """
 
+import pathlib
 import signal
 import sys
 
@@ -72,6 +73,10 @@ _CONFIDENCE_THRESHOLD = flags.DEFINE_float(
 _CHUNK_SIZE = flags.DEFINE_integer(
     "chunk_size", _DEFAULTS.chunk_size, "Style patches scored per step of "
     "the matching scan (memory grows with it); 0 = default.")
+_MATCHING = flags.DEFINE_enum(
+    "matching", _DEFAULTS.matching, config_lib.MATCHINGS,
+    "How the patch matching runs (same result): matmul of extracted patches "
+    "(faster on CPU) or conv with the style patches as filters.")
 _CONTENT_LAYERS = flags.DEFINE_list(
     "content_layers", _csv(_DEFAULTS.content_layers), "Content layers.")
 _CONTENT_WEIGHT = flags.DEFINE_float(
@@ -103,6 +108,10 @@ _WEIGHTS = flags.DEFINE_string(
     ".h5); empty: the fetched default for --network.")
 _POOLING = flags.DEFINE_enum(
     "pooling", _DEFAULTS.pooling, ("max", "avg"), "Pooling.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", _DEFAULTS.dtype, config_lib.DTYPES, "Compute dtype of the VGG "
+    "and the matching products (bfloat16 for accelerators); losses, "
+    "gradients and the optimiser stay float32.")
 _ORIGINAL_COLORS = flags.DEFINE_boolean(
     "original_colors", _DEFAULTS.original_colors,
     "Keep the content image's colours (transfer luminance only).")
@@ -121,6 +130,21 @@ _OVERWRITE = flags.DEFINE_boolean(
     "overwrite", _DEFAULTS.overwrite, "Replace existing results in --workdir.")
 _RESUME = flags.DEFINE_boolean(
     "resume", _DEFAULTS.resume, "Continue from --workdir's last checkpoint.")
+_CHECK_MEMORY = flags.DEFINE_boolean(
+    "check_memory", _DEFAULTS.check_memory, "Refuse a run whose estimated "
+    "peak memory exceeds the available memory (see cnnmrf_jax/memory.py).")
+_MAX_MEMORY_GB = flags.DEFINE_float(
+    "max_memory_gb", _DEFAULTS.max_memory_gb, "Memory (GiB) the memory check "
+    "allows instead of the available memory; 0: the available memory.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", _DEFAULTS.compilation_cache, "Directory of JAX's "
+    "persistent compilation cache: later runs of the same sizes skip "
+    "compiling (~10 s a level on CPU). Empty: off.")
+_PAIRS = flags.DEFINE_string(
+    "pairs", None, "A file of pairs solved together as one batch, sharded "
+    "over the local devices: one 'CONTENT STYLE[,STYLE...]' per line "
+    "('STYLE' in texture mode). Replaces --content_image and --style_image "
+    "(flags.txt names the first pair); results are result_{n}.png.")
 
 
 def _numbers(flag, values, kind):
@@ -153,6 +177,7 @@ def config_from_flags() -> config_lib.Config:
       num_scales=_NUM_SCALES.value,
       confidence_threshold=_CONFIDENCE_THRESHOLD.value,
       chunk_size=_CHUNK_SIZE.value,
+      matching=_MATCHING.value,
       content_layers=tuple(_CONTENT_LAYERS.value),
       content_weight=_CONTENT_WEIGHT.value,
       tv_weight=_TV_WEIGHT.value,
@@ -167,6 +192,7 @@ def config_from_flags() -> config_lib.Config:
       network=_NETWORK.value,
       weights=_WEIGHTS.value,
       pooling=_POOLING.value,
+      dtype=_DTYPE.value,
       original_colors=_ORIGINAL_COLORS.value,
       output_mode=_OUTPUT_MODE.value,
       save_every=_SAVE_EVERY.value,
@@ -174,6 +200,9 @@ def config_from_flags() -> config_lib.Config:
       checkpoint_every=_CHECKPOINT_EVERY.value,
       overwrite=_OVERWRITE.value,
       resume=_RESUME.value,
+      check_memory=_CHECK_MEMORY.value,
+      max_memory_gb=_MAX_MEMORY_GB.value,
+      compilation_cache=_COMPILATION_CACHE.value,
   ).validate()
 
 
@@ -193,15 +222,33 @@ def main(argv):
   # A scheduler's SIGTERM saves the image and a checkpoint, like Ctrl-C.
   signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
+    pairs = None
+    if _PAIRS.value:
+      from cnnmrf_jax import batch  # pylint: disable=g-import-not-at-top
+      pairs = batch.read_pairs(_PAIRS.value, mode=_MODE.value)
+      # The config carries the first pair, so that it validates as a run.
+      flags.FLAGS["content_image"].value = pairs[0][0]
+      flags.FLAGS["style_image"].value = list(pairs[0][1])
     config = config_from_flags()
-    synthesize.run(config, _WORKDIR.value)
+    synthesize.run(config, _WORKDIR.value, pairs=pairs)
   except synthesize.NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
+    written = f"; that image is in {e.paths[0]}" if e.paths else ""
+    print(f"error: {e}{written}", file=sys.stderr)
     sys.exit(3)
-  except KeyboardInterrupt:
-    print(f"interrupted: the current image and a checkpoint are in "
-          f"{_WORKDIR.value}; run again with --resume to continue",
-          file=sys.stderr)
+  except KeyboardInterrupt as e:
+    workdir = pathlib.Path(_WORKDIR.value)
+    if isinstance(e, synthesize.Interrupted):
+      print(f"interrupted: the current image ({synthesize.CURRENT_NAME}) "
+            f"and a checkpoint are in {workdir}; run again with --resume to "
+            "continue", file=sys.stderr)
+    elif (workdir / synthesize.CHECKPOINT_NAME).exists():
+      # Between two solves (building targets, compiling): the last
+      # checkpoint is the end of the previous level.
+      print(f"interrupted: run again with --resume to continue from the "
+            f"last checkpoint in {workdir}", file=sys.stderr)
+    else:
+      print("interrupted before the first checkpoint; nothing to resume",
+            file=sys.stderr)
     sys.exit(130)
   except (ValueError, OSError) as e:
     # Bad input (ConfigError, ImageError, WeightsError, ExistsError, ...):

@@ -65,8 +65,10 @@ class JaxoptLBFGS:
     keep = sy > _CURVATURE_EPS
     slot = state.iter_num % self.history_size
     # Left-out pair: zero s, y and rho in its slot (it then adds nothing to
-    # the two-loop recursion) and keep the previous gamma.
-    zero_slot = lambda h: jnp.where(keep, h, h.at[slot].set(0))
+    # the two-loop recursion) and keep the previous gamma. Only the slot is
+    # rewritten: a select over the whole history copied 2 x history_size
+    # images per iteration (~25 % of the solver's time).
+    zero_slot = lambda h: h.at[slot].set(jnp.where(keep, h[slot], 0))
     new_state = new_state._replace(
         s_history=jax.tree.map(zero_slot, new_state.s_history),
         y_history=jax.tree.map(zero_slot, new_state.y_history),

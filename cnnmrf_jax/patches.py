@@ -124,13 +124,62 @@ def extract_patches(features: jnp.ndarray, *, patch_size: int = 3,
                          patch_size * patch_size * channels)
 
 
+def _pad_axis(x: jnp.ndarray, axis: int, low: int, high: int) -> jnp.ndarray:
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (low, high, 0)
+  return lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
+def _fold_axis(t: jnp.ndarray, axis: int, size: int, patch_size: int,
+               stride: int) -> jnp.ndarray:
+  """Sums taps back onto one axis: the adjoint of taking a grid of windows.
+
+  t has a grid axis at `axis` (len(grid_positions(size, ...)) entries) and
+  the tap axis (patch_size entries) right after it; the two become one axis
+  of length `size` with out[i] = sum of t[r, d] over grid_positions[r] + d
+  == i. The regular part is split by output phase i mod stride: each phase
+  is a sum of shifted taps, and the phases interleave by a stack and a
+  reshape; the tail window is added with one pad.
+  """
+  last = size - patch_size
+  count = last // stride + 1
+  regular = lax.slice_in_dim(t, 0, count, axis=axis)
+  per_phase = -(-size // stride)
+  phases = []
+  for phase in range(stride):
+    acc = None
+    # Output i = stride * q + phase receives tap d = phase + stride * m of
+    # grid entry q - m.
+    for m, d in enumerate(range(phase, patch_size, stride)):
+      tap = lax.index_in_dim(regular, d, axis=axis + 1, keepdims=False)
+      tap = _pad_axis(tap, axis, m, per_phase - m - count)
+      acc = tap if acc is None else acc + tap
+    if acc is None:  # stride > patch_size: this phase is never covered
+      shape = list(regular.shape)
+      del shape[axis + 1]
+      shape[axis] = per_phase
+      acc = jnp.zeros(shape, t.dtype)
+    phases.append(acc)
+  out = jnp.stack(phases, axis=axis + 1)
+  shape = list(out.shape)
+  shape[axis:axis + 2] = [per_phase * stride]
+  out = lax.slice_in_dim(out.reshape(shape), 0, size, axis=axis)
+  if (count - 1) * stride != last:
+    tail = lax.index_in_dim(t, count, axis=axis, keepdims=False)
+    out = out + _pad_axis(tail, axis, last, 0)
+  return out
+
+
 def fold(patches: jnp.ndarray, *, height: int, width: int, channels: int,
          patch_size: int, stride: int, mask: Optional[jnp.ndarray] = None
          ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Places patches back at their grid positions, summing overlaps.
 
-  The adjoint of `extract_patches` (computed with jax.linear_transpose, so
-  the two can never disagree on layout).
+  The adjoint of `extract_patches` (tests/patches_test.py checks it against
+  jax.linear_transpose and explicit loops). Written as shifted sums per
+  output phase rather than as the transpose of the strided slices: that
+  transpose is ~100 separate pad kernels per objective, which took 2x the
+  run time and 2x the compile time of this form on XLA:CPU.
 
   Args:
     patches: [P, D] in `extract_patches` layout for a [height, width,
@@ -152,21 +201,22 @@ def fold(patches: jnp.ndarray, *, height: int, width: int, channels: int,
   if mask is not None and mask.shape != (p,):
     raise ValueError(f"fold: mask must have shape [{p}], got {mask.shape}")
   dtype = patches.dtype
+  rows = len(grid_positions(height, patch_size, stride))
+  cols = len(grid_positions(width, patch_size, stride))
 
-  def transpose_of(c):
-    extract = lambda f: extract_patches(f, patch_size=patch_size,
-                                        stride=stride)
-    return jax.linear_transpose(
-        extract, jax.ShapeDtypeStruct((height, width, c), dtype))
+  def place(flat, c):
+    # [P, k*k*c] -> [rows, kh, cols, kw, c]: each grid axis next to its taps.
+    t = flat.reshape(rows, cols, patch_size, patch_size, c)
+    t = t.transpose(0, 2, 1, 3, 4)
+    t = _fold_axis(t, 2, width, patch_size, stride)  # [rows, kh, W, c]
+    return _fold_axis(t, 0, height, patch_size, stride)  # [H, W, c]
 
   ones = jnp.ones((p, patch_size * patch_size), dtype)
   if mask is not None:
     weights = mask.astype(dtype)
     patches = patches * weights[:, None]
     ones = ones * weights[:, None]
-  (summed,) = transpose_of(channels)(patches)
-  (count,) = transpose_of(1)(ones)
-  return summed, count
+  return place(patches, channels), place(ones, 1)
 
 
 class PatchBank(NamedTuple):
@@ -211,6 +261,11 @@ def build_bank(feature_maps: Sequence[jnp.ndarray], *, patch_size: int = 3,
   if len(channels) != 1:
     raise ValueError(f"build_bank: all style maps must have the same number "
                      f"of channels, got {sorted(channels)}")
+  return _build_bank_jit(list(feature_maps), patch_size=patch_size,
+                         stride=stride)
+
+
+def _build_bank_impl(feature_maps, patch_size, stride):
   patches = jnp.concatenate(
       [extract_patches(f, patch_size=patch_size, stride=stride)
        for f in feature_maps], axis=0)
@@ -219,6 +274,13 @@ def build_bank(feature_maps: Sequence[jnp.ndarray], *, patch_size: int = 3,
   inv_norms = jnp.where(valid, lax.rsqrt(jnp.where(valid, sq_norms, 1)), 0)
   return PatchBank(patches=patches, inv_norms=inv_norms.astype(patches.dtype),
                    valid=valid)
+
+
+# Jitted once per set of map shapes: run eagerly, the ~12 slices per map of
+# every copy compiled one by one (7 of the 13 s of building a 9-copy level at
+# 384 px); jitted, XLA also writes the pieces straight into the bank.
+_build_bank_jit = jax.jit(_build_bank_impl,
+                          static_argnames=("patch_size", "stride"))
 
 
 def _check_bank(patches, bank: PatchBank) -> None:
@@ -240,12 +302,11 @@ def _check_bank(patches, bank: PatchBank) -> None:
     raise ValueError("the patch bank is empty")
 
 
-def _score_block(patches, block, inv_norms, valid):
-  """Scores [c, P] of a block of c bank patches: <p, t> / |t| (|p| later).
+def _normalise_scores(dots, inv_norms, valid):
+  """[c, P] dots of c bank patches -> <p, t> / |t| (|p| is applied later).
 
-  Invalid (all-zero or padding) bank rows score -inf so they never win.
+  Invalid (all-zero) bank rows score -inf so they never win.
   """
-  dots = lax.dot_general(block, patches, (((1,), (1,)), ((), ())))
   return jnp.where(valid[:, None], dots * inv_norms[:, None], -jnp.inf)
 
 
@@ -264,35 +325,30 @@ def _block_best(scores):
   return best, first.astype(jnp.int32)
 
 
-def match(patches: jnp.ndarray, bank: PatchBank, *,
-          chunk_size: int = DEFAULT_CHUNK_SIZE
-          ) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """Nearest style patch by normalised cross-correlation (Eq. 3).
-
-  Scans over chunks of `chunk_size` bank patches keeping a running max and
-  argmax, so memory grows with chunk_size * P, not M * P. The last partial
-  chunk is scored outside the scan instead of padding the bank (padding to a
-  round size costs as much as the extra rows). Ties go to the lowest bank
-  index, as np.argmax; the result does not depend on chunk_size.
-
-  Args:
-    patches: [P, D] synthesis patches.
-    bank: PatchBank with patches [M, D].
-    chunk_size: bank patches scored per step.
-
-  Returns:
-    indices [P] int32 into the bank and scores [P] (the NCC, in the patches'
-    dtype). A synthesis patch that is all zero, or that meets only all-zero
-    bank patches, is unmatched: score -inf and index 0.
-  """
-  _check_bank(patches, bank)
+def _check_chunk_size(chunk_size) -> None:
   if int(chunk_size) != chunk_size or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer, got "
                      f"{chunk_size!r}")
-  m, d = bank.patches.shape
-  num_p = patches.shape[0]
-  dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
-  patches = patches.astype(dtype)
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+  if compute_dtype is not None and not jnp.issubdtype(
+      jnp.dtype(compute_dtype), jnp.floating):
+    raise ValueError(f"compute_dtype must be a float dtype, got "
+                     f"{compute_dtype!r}")
+
+
+def _scan_bank(dots_of, bank: PatchBank, num_p: int, chunk_size: int,
+               dtype) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Running max and argmax of <p, t_j> / |t_j| over chunks of the bank.
+
+  dots_of(block [c, D], start) -> [c, P] raw dot products in `dtype`.
+  Memory grows with chunk_size * P, not M * P. The last partial chunk is
+  scored outside the loop instead of padding the bank (padding to a round
+  size costs as much as the extra rows). Returns ([P] best, [P] int32
+  index), ties to the lowest bank index.
+  """
+  m = bank.patches.shape[0]
   chunk = min(int(chunk_size), m)
   num_full = m // chunk
 
@@ -301,8 +357,8 @@ def match(patches: jnp.ndarray, bank: PatchBank, *,
     block = lax.dynamic_slice_in_dim(bank.patches, start, size, 0)
     inv = lax.dynamic_slice_in_dim(bank.inv_norms, start, size, 0)
     valid = lax.dynamic_slice_in_dim(bank.valid, start, size, 0)
-    score, index = _block_best(
-        _score_block(patches, block.astype(dtype), inv.astype(dtype), valid))
+    score, index = _block_best(_normalise_scores(
+        dots_of(block, start), inv.astype(dtype), valid))
     # Strictly greater: an earlier chunk keeps its tie.
     better = score > best
     return (jnp.where(better, score, best),
@@ -318,15 +374,152 @@ def match(patches: jnp.ndarray, bank: PatchBank, *,
         lambda i, c: update(c, (i * chunk).astype(jnp.int32), chunk), carry)
   if m > num_full * chunk:
     carry = update(carry, num_full * chunk, m - num_full * chunk)
-  best, best_index = carry
+  return carry
 
-  sq_norms = jnp.sum(jnp.square(patches), axis=1)
+
+def _finish(best, best_index, sq_norms):
+  """Divides by |p|; unmatched patches (all zero, or meeting only all-zero
+  bank patches) get score -inf and index 0."""
   has_norm = sq_norms > 0
   scores = jnp.where(has_norm,
                      best * lax.rsqrt(jnp.where(has_norm, sq_norms, 1)),
                      -jnp.inf)
   matched = scores > -jnp.inf
   return jnp.where(matched, best_index, 0), scores
+
+
+def match(patches: jnp.ndarray, bank: PatchBank, *,
+          chunk_size: int = DEFAULT_CHUNK_SIZE, compute_dtype=None
+          ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Nearest style patch by normalised cross-correlation (Eq. 3).
+
+  Scans over chunks of `chunk_size` bank patches keeping a running max and
+  argmax, so memory grows with chunk_size * P, not M * P. Ties go to the
+  lowest bank index, as np.argmax; the result does not depend on
+  chunk_size.
+
+  Args:
+    patches: [P, D] synthesis patches.
+    bank: PatchBank with patches [M, D].
+    chunk_size: bank patches scored per step.
+    compute_dtype: dtype of the dot products' operands (None: the patches'
+      dtype); they accumulate in the patches' dtype. bfloat16 halves the
+      traffic on accelerators (and ran 2x faster on an AVX512-BF16 CPU), at
+      the cost of near-ties going either way.
+
+  Returns:
+    indices [P] int32 into the bank and scores [P] (the NCC, in the patches'
+    dtype). A synthesis patch that is all zero, or that meets only all-zero
+    bank patches, is unmatched: score -inf and index 0.
+  """
+  _check_bank(patches, bank)
+  _check_chunk_size(chunk_size)
+  _check_compute_dtype(compute_dtype)
+  dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
+  patches = patches.astype(dtype)
+  operand = patches.astype(compute_dtype or dtype)
+
+  def dots_of(block, start):
+    del start
+    return lax.dot_general(block.astype(operand.dtype), operand,
+                           (((1,), (1,)), ((), ())),
+                           preferred_element_type=dtype)
+
+  best, best_index = _scan_bank(dots_of, bank, patches.shape[0], chunk_size,
+                                dtype)
+  return _finish(best, best_index, jnp.sum(jnp.square(patches), axis=1))
+
+
+MATCHINGS = ("matmul", "conv")
+
+
+def _grid_conv(features, filters, patch_size, stride, dtype):
+  """Correlations of every filter with the patches on the stride-plus-tail
+  grid of features [H, W, C]: filters [k, k, C, c] -> [P, c].
+
+  One strided VALID convolution covers the regular grid; the tail row, the
+  tail column and their corner (when the stride skips them) are three
+  narrow convolutions, so nothing is computed off the grid.
+  """
+  height, width, _ = features.shape
+  k = patch_size
+
+  def conv(x, strides):
+    return lax.conv_general_dilated(
+        x[None], filters, strides, "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=dtype)[0]
+
+  row_tail = (height - k) % stride != 0
+  col_tail = (width - k) % stride != 0
+  out = conv(features, (stride, stride))
+  if col_tail:
+    out = jnp.concatenate(
+        [out, conv(features[:, width - k:], (stride, 1))], axis=1)
+  if row_tail:
+    bottom = conv(features[height - k:], (1, stride))
+    if col_tail:
+      bottom = jnp.concatenate(
+          [bottom, conv(features[height - k:, width - k:], (1, 1))], axis=1)
+    out = jnp.concatenate([out, bottom], axis=0)
+  return out.reshape(-1, out.shape[-1])
+
+
+def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
+              stride: int = 2, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              method: str = "matmul", compute_dtype=None
+              ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """`match` of every patch on the stride-plus-tail grid of a feature map.
+
+  Two formulations of the same scores:
+    matmul: extract the [P, D] synthesis patches once, then a [chunk, D] x
+      [D, P] product per chunk. On XLA:CPU it ran 2.6-4x faster than conv
+      (STYLE.md; benchmarks/bench_synthesis.py --matching compares them in
+      the whole iteration), so it is the default.
+    conv: the chunk's patches as k x k filters over the map at the grid
+      positions only, no [P, D] copy of the map; cuDNN-style convolutions
+      may win on accelerators.
+  Both give the same indices up to rounding of near-ties.
+
+  Args:
+    features: [H, W, C] synthesis features.
+    bank: PatchBank of [M, k*k*C] patches.
+    method: 'matmul' or 'conv'.
+    compute_dtype: see `match`.
+
+  Returns:
+    (indices [P] int32, scores [P]) as `match`, P = num_patches(H, W, ...).
+  """
+  _check_map(features)
+  if method not in MATCHINGS:
+    raise ValueError(f"--matching: unknown method {method!r}; expected one "
+                     f"of {MATCHINGS}")
+  if method == "matmul":
+    synth = extract_patches(features, patch_size=patch_size, stride=stride)
+    return match(synth, bank, chunk_size=chunk_size,
+                 compute_dtype=compute_dtype)
+  height, width, channels = features.shape
+  num_p = num_patches(height, width, patch_size, stride)
+  _check_bank(np.empty((0, patch_size * patch_size * channels)), bank)
+  _check_chunk_size(chunk_size)
+  _check_compute_dtype(compute_dtype)
+  dtype = jnp.result_type(features.dtype, bank.patches.dtype)
+  features = features.astype(dtype)
+  operand = features.astype(compute_dtype or dtype)
+
+  def dots_of(block, start):
+    del start
+    filters = block.astype(operand.dtype).reshape(
+        -1, patch_size, patch_size, channels).transpose(1, 2, 3, 0)
+    return _grid_conv(operand, filters, patch_size, stride, dtype).T
+
+  best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype)
+  # |p|^2 of each grid patch from the channel sums of squares, a [H, W, 1]
+  # map: the patches themselves are never extracted.
+  sq_map = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
+  sq_norms = jnp.sum(extract_patches(sq_map, patch_size=patch_size,
+                                     stride=stride), axis=1)
+  return _finish(best, best_index, sq_norms)
 
 
 def _rotated_crop_size(width: int, height: int, radians: float

@@ -60,8 +60,9 @@ def _numpy_tbar(features, style_maps, *, patch_size, stride, threshold):
 
 class TestMrfLoss:
 
+  @pytest.mark.parametrize("matching", patches.MATCHINGS)
   @pytest.mark.parametrize("threshold", [0.0, "median"])
-  def test_grad_is_weight_times_residual(self, threshold):
+  def test_grad_is_weight_times_residual(self, threshold, matching):
     rng = np.random.default_rng(0)
     features = _relu_map(rng, (11, 10, 4))
     features[:4, :4] = 0  # zero patches: (0, 0) stays uncovered
@@ -79,7 +80,7 @@ class TestMrfLoss:
 
     def loss_fn(f):
       return losses.mrf_loss(f, bank, weight=weight, threshold=threshold,
-                             chunk_size=7)
+                             chunk_size=7, matching=matching)
 
     (loss, stats), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         jnp.asarray(features))

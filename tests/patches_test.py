@@ -140,6 +140,23 @@ class TestExtractFold:
     np.testing.assert_allclose(summed, want_sum, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(count, want_count)
 
+  @pytest.mark.parametrize("shape,patch_size,stride", [
+      ((7, 9, 4), 3, 1), ((7, 9, 4), 3, 2), ((10, 6, 2), 3, 3),
+      ((6, 11, 2), 2, 4), ((5, 5, 3), 5, 2), ((8, 8, 1), 3, 2),
+      ((4, 4, 1), 1, 1)])
+  def test_fold_is_the_adjoint_of_extract(self, shape, patch_size, stride):
+    num = patches.num_patches(shape[0], shape[1], patch_size, stride)
+    p = np.random.default_rng(4).standard_normal(
+        (num, patch_size * patch_size * shape[2])).astype(np.float32)
+    extract = lambda f: patches.extract_patches(f, patch_size=patch_size,
+                                                stride=stride)
+    (want,) = jax.linear_transpose(
+        extract, jax.ShapeDtypeStruct(shape, jnp.float32))(jnp.asarray(p))
+    summed, _ = patches.fold(jnp.asarray(p), height=shape[0],
+                             width=shape[1], channels=shape[2],
+                             patch_size=patch_size, stride=stride)
+    np.testing.assert_allclose(summed, want, rtol=1e-6, atol=1e-6)
+
   def test_errors(self):
     with pytest.raises(ValueError, match=r"\[H, W, C\]"):
       patches.extract_patches(jnp.zeros((1, 5, 5, 3)))
@@ -236,6 +253,52 @@ class TestMatch:
       patches.match(jnp.ones((2, 3, 18)), bank)
     with pytest.raises(ValueError, match="chunk_size"):
       patches.match(jnp.ones((3, 18)), bank, chunk_size=0)
+
+
+class TestMatchMap:
+
+  @pytest.mark.parametrize("shape,patch_size,stride", [
+      ((9, 11, 3), 3, 2), ((10, 10, 2), 3, 2), ((8, 7, 2), 3, 3),
+      ((7, 6, 2), 2, 1), ((7, 7, 2), 3, 4)])
+  @pytest.mark.parametrize("method", patches.MATCHINGS)
+  def test_every_method_equals_reference(self, shape, patch_size, stride,
+                                         method):
+    rng = np.random.default_rng(8)
+    synth = _relu_map(rng, shape)
+    synth[:3, :3] = 0  # an all-zero synthesis patch: unmatched
+    maps = [_relu_map(rng, (shape[0] + i, shape[1], shape[2]))
+            for i in range(2)]
+    bank = patches.build_bank([jnp.asarray(m) for m in maps],
+                              patch_size=patch_size, stride=stride)
+    want_idx, want_score = _reference_match(
+        _naive_patches(synth, patch_size, stride), bank.patches)
+    for chunk_size in (1, 4, 4096):
+      idx, score = jax.jit(lambda f, b, c=chunk_size: patches.match_map(
+          f, b, patch_size=patch_size, stride=stride, chunk_size=c,
+          method=method))(jnp.asarray(synth), bank)
+      np.testing.assert_array_equal(idx, want_idx)
+      np.testing.assert_allclose(score, want_score, rtol=1e-5, atol=1e-6)
+
+  @pytest.mark.parametrize("method", patches.MATCHINGS)
+  def test_bfloat16_products_keep_float32_scores(self, method):
+    rng = np.random.default_rng(9)
+    synth = _relu_map(rng, (12, 12, 8))
+    bank = patches.build_bank([jnp.asarray(_relu_map(rng, (14, 13, 8)))])
+    want_idx, _ = patches.match_map(jnp.asarray(synth), bank)
+    idx, score = patches.match_map(jnp.asarray(synth), bank, method=method,
+                                   compute_dtype=jnp.bfloat16)
+    assert score.dtype == jnp.float32
+    # Near-ties may flip with 8-bit mantissas; most matches may not.
+    assert np.mean(np.asarray(idx) == np.asarray(want_idx)) > 0.8
+
+  def test_errors(self):
+    bank = patches.build_bank([jnp.ones((4, 4, 2))], patch_size=3, stride=1)
+    with pytest.raises(ValueError, match="--matching"):
+      patches.match_map(jnp.ones((5, 5, 2)), bank, method="fft")
+    with pytest.raises(ValueError, match="patch length mismatch"):
+      patches.match_map(jnp.ones((5, 5, 3)), bank, method="conv")
+    with pytest.raises(ValueError, match="compute_dtype"):
+      patches.match_map(jnp.ones((5, 5, 2)), bank, compute_dtype=jnp.int32)
 
 
 class TestAugment:

@@ -209,7 +209,7 @@ class Config:
     if self.mode == "gatys" and not self.style_layers:
       fail("style_layers", "--mode=gatys needs at least one style layer")
     if self.resume and self.overwrite:
-      fail("resume", "--resume continues a run; --overwrite would discard "
+      fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")
     return self
 

@@ -197,6 +197,7 @@ def check_params(params: Params, network: str = "vgg19", *,
   missing = [k for k in expected if k not in found]
   extra = [k for k in found if k not in expected]
   misshaped = []
+  non_finite = []
   out: Params = {}
   for key, shape in expected.items():
     if key not in found:
@@ -208,7 +209,7 @@ def check_params(params: Params, network: str = "vgg19", *,
       misshaped.append(f"{key} is {value.shape}, expected {tuple(shape)}")
     elif not np.isfinite(value).all():
       # A corrupt conversion, not a shape problem, but just as fatal.
-      misshaped.append(f"{key} holds NaN or Inf")
+      non_finite.append(key)
     else:
       layer, leaf = key.split("/")
       out.setdefault(layer, {})[leaf] = np.ascontiguousarray(value,
@@ -225,6 +226,8 @@ def check_params(params: Params, network: str = "vgg19", *,
         [f"{k} {np.shape(found[k])}" for k in extra]))
   if misshaped:
     problems.append("mis-shaped: " + _listing(misshaped))
+  if non_finite:
+    problems.append("holding NaN or Inf: " + _listing(non_finite))
   if problems:
     raise WeightsError(f"{where}: weights do not match {network}: " +
                        "; ".join(problems))

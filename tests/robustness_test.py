@@ -224,7 +224,7 @@ BAD_INPUTS = [
     ("weights_truncated", ["--weights={truncated_npz}"],
      ["{truncated_npz}: a truncated or corrupt zip archive"]),
     ("weights_not_finite", ["--weights={inf_npz}"],
-     ["{inf_npz}: ", "conv1_2/kernel holds NaN or Inf"]),
+     ["{inf_npz}: ", "holding NaN or Inf: conv1_2/kernel"]),
     # The workdir (weights load first here: these are checked by the writer).
     ("workdir_is_a_file", ["--workdir={text}", "--weights={weights}"],
      ["--workdir: cannot create the directory {text}"]),

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import struct
 import subprocess
@@ -462,14 +463,32 @@ def _command(files, workdir, *extra):
           *KILL_FLAGS, *extra]
 
 
+# Runs cnnmrf_jax.main and prints the process's own peak RSS at exit. The
+# child's VmHWM is used, not wait4's ru_maxrss: Linux carries the parent's
+# peak at fork over into the child's ru_maxrss, and pytest's own process may
+# have grown past the child's whole run.
+_PEAK_WRAPPER = (
+    "import atexit, runpy, sys\n"
+    "def _peak():\n"
+    "  for line in open('/proc/self/status'):\n"
+    "    if line.startswith('VmHWM:'):\n"
+    "      print('PEAK_RSS_KB', line.split()[1], file=sys.stderr)\n"
+    "atexit.register(_peak)\n"
+    "sys.argv = ['cnnmrf_jax.main'] + sys.argv[1:]\n"
+    "runpy.run_module('cnnmrf_jax.main', run_name='__main__')\n")
+
+
 def _run(command, env, log_path):
   """Runs to completion: (exit code, peak RSS in bytes, stderr)."""
+  assert command[1:3] == ["-m", "cnnmrf_jax.main"], command
+  command = [command[0], "-c", _PEAK_WRAPPER] + command[3:]
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  return proc.returncode, usage.ru_maxrss * 1024, log_path.read_text()
+    proc = subprocess.run(command, cwd=REPO, env=env, stdout=log,
+                          stderr=subprocess.STDOUT, check=False)
+  text = log_path.read_text()
+  peaks = re.findall(r"PEAK_RSS_KB (\d+)", text)
+  peak = int(peaks[-1]) * 1024 if peaks else 0
+  return proc.returncode, peak, text
 
 
 def _kill_after_first_checkpoint(command, env, workdir, log_path, signum):

@@ -288,7 +288,7 @@ def test_wrong_shapes_list_missing_extra_and_misshaped(tmp_path, tiny_vgg):
 def test_non_finite_weights_are_refused(tmp_path, tiny_vgg):
   params = _tiny("vgg19")
   params["conv2_1"]["bias"][0] = np.nan
-  with pytest.raises(weights.WeightsError, match="conv2_1/bias holds NaN"):
+  with pytest.raises(weights.WeightsError, match="holding NaN or Inf: conv2_1/bias"):
     weights.check_params(params, "vgg19", where="mine")
 
 

@@ -37,3 +37,9 @@ def enable(directory: str) -> str:
                     _MIN_COMPILE_SECONDS)
   compilation_cache.reset_cache()
   return directory
+
+
+def disable() -> None:
+  """Stops reading and writing the persistent cache (tests, benchmarks)."""
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()

@@ -301,7 +301,9 @@ class Synthesizer:
 
   def features(self, rgb: np.ndarray) -> Dict[str, jnp.ndarray]:
     """rgb: [H, W, 3] in [0, 1] -> {layer: [h, w, c]} for self.layers."""
-    x = vgg.preprocess(jnp.asarray(rgb, jnp.float32), self.convention)
+    # On the host: run eagerly on the device, the few ops compiled anew for
+    # every style copy's shape (~1 s a level with 9 copies).
+    x = vgg.preprocess(np.asarray(rgb, np.float32), self.convention)
     return {k: v[0] for k, v in self._features(self.params, x[None]).items()}
 
   def level_targets(self, inputs: Inputs, size: Tuple[int, int],

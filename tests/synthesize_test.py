@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cnnmrf_jax import compile_cache
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import synthesize
 
@@ -87,6 +88,27 @@ def test_existing_result_is_not_overwritten(tiny_images, random_vgg19,
   synthesize.run(config_lib.replace(config, overwrite=True), str(tmp_path),
                  params=random_vgg19[0], convention=random_vgg19[1])
   assert (tmp_path / synthesize.RESULT_NAME).read_bytes() != b"precious"
+
+
+def test_matching_dtype_and_compilation_cache_options(tiny_images,
+                                                      random_vgg19, tmp_path):
+  config = tiny_config(tiny_images, num_res=1, num_iter=(3,))
+  run = lambda c: synthesize.run(c, params=random_vgg19[0],
+                                 convention=random_vgg19[1])
+  matmul = run(config)
+  # The same matches and gradients either way, up to float rounding.
+  conv = run(config_lib.replace(config, matching="conv"))
+  np.testing.assert_allclose(conv.images, matmul.images, rtol=1e-3,
+                             atol=1e-3)
+  half = run(config_lib.replace(config, dtype="bfloat16"))
+  assert np.all(np.isfinite(half.images))
+  assert np.abs(half.images - matmul.images).max() < 0.1
+  cache = tmp_path / "cache"
+  try:
+    run(config_lib.replace(config, compilation_cache=str(cache)))
+    assert any(cache.iterdir())  # the compiled programs were kept
+  finally:
+    compile_cache.disable()  # later tests must not write into tmp_path
 
 
 def test_image_too_small_for_the_pyramid_names_the_flag(tiny_images,

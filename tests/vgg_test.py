@@ -150,6 +150,28 @@ class ForwardTest(parameterized.TestCase):
     want = _ref_pool(x.transpose(0, 3, 1, 2).astype(np.float64), kind)
     np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), rtol=1e-6)
 
+  @parameterized.parameters((2, 5, 7, 3), (1, 4, 6, 2), (1, 1, 3, 1))
+  def test_max_pool_gradient_goes_to_the_first_maximum(self, *shape):
+    # Small integers tie often; the gradient must go to the first maximal
+    # element of each window (row-major), as XLA's select-and-scatter, Caffe
+    # and torch route it. (The JVP of lax.reduce_window breaks ties its own
+    # way, not always as its VJP does; ours is the VJP's transpose.)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.integers(0, 3, shape).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal(
+        (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), shape[3])),
+                    jnp.float32)
+    pad = ((0, 0), (0, shape[1] % 2), (0, shape[2] % 2), (0, 0))
+    reference = lambda x: jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), pad)
+    want = jax.vjp(reference, x)[1](g)[0]
+    got = jax.vjp(vgg.pool2x2_ceil, x)[1](g)[0]
+    np.testing.assert_array_equal(got, want)
+    t = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    tangent_out = jax.jvp(vgg.pool2x2_ceil, (x,), (t,))[1]
+    np.testing.assert_allclose(jnp.vdot(tangent_out, g), jnp.vdot(t, got),
+                               rtol=1e-5)
+
   def test_pool2x2_ceil_rejects_unknown_kind(self):
     with self.assertRaisesRegex(ValueError, r"--pooling.*'median'"):
       vgg.pool2x2_ceil(jnp.zeros((1, 4, 4, 1)), "median")

@@ -35,8 +35,21 @@ Objective = Callable[..., Any]
 _CURVATURE_EPS = 1e-10
 
 
+class _StateAccessors:
+  """value(state) / aux(state): the loss and aux at the current x. Both
+  solvers' states keep them under these names."""
+
+  @staticmethod
+  def value(state):
+    return state.value
+
+  @staticmethod
+  def aux(state):
+    return state.aux
+
+
 @dataclasses.dataclass(frozen=True)
-class JaxoptLBFGS:
+class JaxoptLBFGS(_StateAccessors):
   """jaxopt.LBFGS with the reference's fixed step and torch's safeguards."""
   fun: Objective
   history_size: int = 25
@@ -76,14 +89,6 @@ class JaxoptLBFGS:
         gamma=jnp.where(keep, new_state.gamma, state.gamma))
     return new_x, new_state
 
-  @staticmethod
-  def value(state):
-    return state.value
-
-  @staticmethod
-  def aux(state):
-    return state.aux
-
 
 class OptaxState(NamedTuple):
   """optax state plus the objective's value, gradient and aux at x."""
@@ -95,7 +100,7 @@ class OptaxState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptaxSolver:
+class OptaxSolver(_StateAccessors):
   """Any optax GradientTransformation (no line search) in the same shape."""
   fun: Objective
   transform: optax.GradientTransformation
@@ -119,14 +124,6 @@ class OptaxSolver:
     new_x = optax.apply_updates(x, updates)
     (value, aux), grad = self._value_and_grad(new_x, *args)
     return new_x, OptaxState(opt_state, value, grad, aux, state.iter_num + 1)
-
-  @staticmethod
-  def value(state):
-    return state.value
-
-  @staticmethod
-  def aux(state):
-    return state.aux
 
 
 def make(name: str, fun: Objective, *, history_size: int = 25,

@@ -70,14 +70,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnmrf_jax import config as config_lib
-from cnnmrf_jax import image_io
 from cnnmrf_jax import losses
 from cnnmrf_jax import patches
+from cnnmrf_jax import plan
 from cnnmrf_jax import synthesize
-try:
-  from cnnmrf_jax import memory
-except ImportError:  # the estimate is reported when the module exists
-  memory = None
+from cnnmrf_jax import targets as targets_lib
+from cnnmrf_jax import terms
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 GIB = 2.0 ** 30
@@ -130,16 +128,8 @@ def _reference_config(spec):
 
 
 def _memory_estimate(config, inputs):
-  """cnnmrf_jax.memory's estimate in bytes, or None without that module."""
-  if memory is None:
-    return None
-  height, width = synthesize.output_size(config, inputs)
-  styles = [synthesize.style_size(config, s.shape[:2], 1.0)
-            for s in inputs.styles[0]]
-  images = [*inputs.contents, *(s for pair in inputs.styles for s in pair)]
-  pixels = sum(a.shape[0] * a.shape[1] for a in images if a is not None)
-  return memory.estimate_peak_bytes(config, height, width, styles,
-                                    input_pixels=pixels)
+  """The plan's memory estimate in bytes (cnnmrf_jax/memory.py)."""
+  return plan.make(config, inputs.sizes()).memory_bytes
 
 
 def _flops(lowered):
@@ -183,19 +173,19 @@ def _level_worker(spec):
   inputs = synthesize.load_inputs(config)
   synth = synthesize.Synthesizer(config)
   params = synth.params
-  height, width = synthesize.output_size(config, inputs)
-  sizes = image_io.pyramid_sizes(height, width, config.num_res)
-  scales = synthesize.level_scales(config.num_res)
+  run_plan = plan.make(config, inputs.sizes())
+  height, width = run_plan.output_size
   out = dict(spec, height=height, width=width, levels=[])
 
   # Every level's targets and programs, as a run builds them; the compiled
   # programs of the finest level are then timed.
-  for level, (size, scale) in enumerate(zip(sizes, scales)):
+  for level_plan in run_plan.levels:
+    level, size = level_plan.index, level_plan.size
     start = time.perf_counter()
-    targets = jax.block_until_ready(
-        synth.level_targets(inputs, size, scale))
+    targets = jax.block_until_ready(targets_lib.level_targets(
+        config, run_plan, level_plan, inputs, synth.features))
     targets_s = time.perf_counter() - start
-    x = synth.initial_images(inputs, size)
+    x = targets_lib.initial_images(config, inputs, size, synth.convention)
     start = time.perf_counter()
     init = synth._init.lower(x, params, targets).compile()
     init_s = time.perf_counter() - start
@@ -228,9 +218,10 @@ def _level_worker(spec):
                       chunk_size=config.chunk_size
                       or patches.DEFAULT_CHUNK_SIZE,
                       method=config.matching,
-                      compute_dtype=synth.chunk_kwargs.get("compute_dtype"))
+                      compute_dtype=terms.chunk_kwargs(config)[
+                          "compute_dtype"])
   loop_correction = 0.0
-  for layer, bank in targets["bank"].items():
+  for layer, bank in targets["mrf"].items():
     def matcher(chunk):
       kw = dict(match_kwargs, chunk_size=chunk)
       return jax.jit(jax.vmap(lambda f, b: patches.match_map(f, b, **kw)))
@@ -259,8 +250,9 @@ def _level_worker(spec):
           features[layer][0], bank,
           weight=targets["weights"]["mrf"][layer],
           patch_size=config.patch_size, stride=config.synth_stride,
-          threshold=config.confidence_threshold, **synth.chunk_kwargs)[0]
-                 for layer, bank in targets["bank"].items())
+          threshold=config.confidence_threshold,
+          **terms.chunk_kwargs(config))[0]
+                 for layer, bank in targets["mrf"].items())
     return jnp.sum(jax.vmap(one)(
         {k: v[:, None] for k, v in features.items()}, targets))
 
@@ -309,7 +301,7 @@ def _run_worker(spec):
   """A whole run through synthesize.run: wall time, per-level s/iter, peak."""
   config = _reference_config(spec)
   inputs = synthesize.load_inputs(config)
-  height, width = synthesize.output_size(config, inputs)
+  height, width = plan.make(config, inputs.sizes()).output_size
   estimate = _memory_estimate(config, inputs)
   probe = _Probe(spec["probe_size"])
   before = [_time(probe) for _ in range(3)]

@@ -1,10 +1,9 @@
 """JAX's persistent compilation cache, for --compilation_cache=DIR.
 
 Every pyramid level compiles its own programs (the solver's init and update,
-and a VGG forward pass per style copy shape), ~10 s a level on a 2-core CPU,
-a sixth of a 384 px run. With a cache directory, a later run of the same
-shapes (a sweep over weights, seeds or images of one size) loads the
-compiled executables instead.
+and a VGG forward pass per style copy shape), seconds a level on a CPU. With
+a cache directory, a later run of the same shapes (a sweep over weights,
+seeds or images of one size) loads the compiled executables instead.
 
 The cache is trusted code: executables in it are run as they are. Do not
 point it at a directory others can write to.

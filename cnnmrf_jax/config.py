@@ -1,8 +1,9 @@
-"""The synthesis configuration: every hyper-parameter, with the reference's
-defaults (SPEC section 2), and its checks.
+"""The synthesis configuration: every option, once, with the reference's
+defaults (chuanli11/CNNMRF's run_trans.lua), its help text, and its checks.
 
-`Config` is a frozen dataclass; main.py builds it from absl flags, tests and
-sweeps build it directly. `Config.validate` raises `ConfigError` naming the
+`Config` is a frozen dataclass; cli.py generates the absl flags from its
+fields (name, type, default, help), so main.py and the sweep parse flags into
+it alike; tests and library users build it directly. `Config.validate` raises `ConfigError` naming the
 flag for every inconsistency it can see without touching a file, so a typo
 costs a message and not an hour. `Config.to_flag_lines` writes it back as an
 absl flag file: `--flagfile=WORKDIR/flags.txt` reproduces the run.
@@ -10,14 +11,14 @@ absl flag file: `--flagfile=WORKDIR/flags.txt` reproduces the run.
 
 import dataclasses
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
+from cnnmrf_jax import patches
 from cnnmrf_jax import vgg
 
 MODES = ("transfer", "texture", "gatys")
 OPTIMIZERS = ("lbfgs", "optax_lbfgs", "adam")
 OUTPUT_MODES = ("stretch", "clip")
-MATCHINGS = ("matmul", "conv")  # patches.MATCHINGS
 DTYPES = ("float32", "bfloat16")
 INITS = ("content", "noise")  # or a path to an image file
 GATYS_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -27,68 +28,118 @@ class ConfigError(ValueError):
   """A flag or combination of flags is invalid; the message names the flag."""
 
 
+def _option(default: Any, help: str, *,  # pylint: disable=redefined-builtin
+            choices: Optional[Sequence[str]] = None) -> Any:
+  """A Config field with what its flag needs: the help text and, for an
+  enum flag, its choices (cli.py makes the absl flags from these)."""
+  return dataclasses.field(default=default, metadata={
+      "help": help, "choices": tuple(choices) if choices else None})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """All options of a synthesis run. Field names are the flag names."""
-  mode: str = "transfer"
-  content_image: str = ""
-  style_image: Tuple[str, ...] = ()
-  style_blend_weights: Tuple[float, ...] = ()
-  # Pyramid (SPEC section 2): long side, levels at 1/4, 1/2, 1.
-  max_size: int = 384
-  num_res: int = 3
-  num_iter: Tuple[int, ...] = (100,)
-  scaler: float = 2.0  # texture mode: output / exemplar size ratio
+  """All options of a synthesis run. Field names are the flag names; each
+  field's metadata holds its flag's help text (and choices)."""
+  mode: str = _option(
+      "transfer", "transfer: CNNMRF guided by --content_image; texture: "
+      "synthesis from --style_image alone; gatys: the Gram-matrix baseline.",
+      choices=MODES)
+  content_image: str = _option(
+      "", "Content image path or example:NAME (transfer and gatys modes).")
+  style_image: Tuple[str, ...] = _option(
+      (), "Style image(s) or texture exemplar(s), comma separated; paths or "
+      "example:NAME. Their patches share one bank.")
+  style_blend_weights: Tuple[float, ...] = _option(
+      (), "gatys: one weight per --style_image.")
+  # The pyramid: long side, levels at 1/2**k of it (the reference: 384 px,
+  # 1/4, 1/2, 1).
+  max_size: int = _option(384, "Long side of the output in pixels.")
+  num_res: int = _option(3, "Pyramid levels (at 1/2**k of max_size).")
+  num_iter: Tuple[int, ...] = _option(
+      (100,), "L-BFGS iterations: one value for every level or one per "
+      "level, coarsest first.")
+  scaler: float = _option(2.0, "texture: output size / exemplar size.")
   # MRF term (Eq. 2 of Li & Wand): layers, weight per layer, patches.
-  mrf_layers: Tuple[str, ...] = ("relu3_1", "relu4_1")
-  mrf_weight: Tuple[float, ...] = (1e-4,)
-  patch_size: int = 3
-  style_stride: int = 2
-  synth_stride: int = 2
-  num_rotations: int = 0
-  num_scales: int = 0
-  confidence_threshold: float = 0.0
-  chunk_size: int = 0  # 0: patches' default
+  mrf_layers: Tuple[str, ...] = _option(("relu3_1", "relu4_1"),
+                                        "Layers of the MRF term.")
+  mrf_weight: Tuple[float, ...] = _option(
+      (1e-4,), "MRF weight: one value, or one per --mrf_layers entry.")
+  patch_size: int = _option(3, "Neural patch side k (k x k x C).")
+  style_stride: int = _option(2, "Stride of style patches.")
+  synth_stride: int = _option(2, "Stride of synthesis patches.")
+  num_rotations: int = _option(
+      0, "Style rotations k * 7.5 deg for k in [-R, R].")
+  num_scales: int = _option(0, "Style scales 1.05**k for k in [-S, S].")
+  confidence_threshold: float = _option(
+      0.0, "Matches with a normalised cross-correlation below this are "
+      "dropped.")
+  chunk_size: int = _option(
+      0, "Style patches scored per step of the matching scan (memory grows "
+      "with it); 0 = default.")
   # How the matching runs, not what it computes: a matmul of extracted
   # patches (the faster on CPU) or a conv with the style patches as filters.
-  matching: str = "matmul"
+  matching: str = _option(
+      "matmul", "How the patch matching runs (same result): matmul of "
+      "extracted patches (faster on CPU) or conv with the style patches as "
+      "filters.", choices=patches.MATCHINGS)
   # Content term (Eq. 3) and smoothness prior (Eq. 4).
-  content_layers: Tuple[str, ...] = ("relu4_2",)
-  content_weight: float = 20.0
-  tv_weight: float = 1e-3
+  content_layers: Tuple[str, ...] = _option(("relu4_2",), "Content layers.")
+  content_weight: float = _option(20.0, "Content weight.")
+  tv_weight: float = _option(1e-3, "Smoothness (TV) weight.")
   # Gatys baseline.
-  style_layers: Tuple[str, ...] = GATYS_STYLE_LAYERS
-  style_weight: float = 1e3
+  style_layers: Tuple[str, ...] = _option(GATYS_STYLE_LAYERS,
+                                          "gatys: Gram layers.")
+  style_weight: float = _option(1e3, "gatys: style weight.")
   # Initialisation, optimiser, network.
-  # '' = the mode's default: content (transfer, gatys) or noise (texture).
-  init: str = ""
-  init_noise_std: float = 1e-3
-  seed: int = 0
-  optimizer: str = "lbfgs"
-  history_size: int = 25
-  learning_rate: float = 1.0
-  network: str = "vgg19"
-  weights: str = ""  # '' = the fetched default for --network
-  pooling: str = "max"
+  init: str = _option(
+      "", "content, noise or an image path; empty: content (transfer, "
+      "gatys) or noise (texture).")
+  init_noise_std: float = _option(
+      1e-3, "Std of the noise init in the preprocessed space.")
+  seed: int = _option(0, "Random seed.")
+  optimizer: str = _option("lbfgs", "Optimizer.", choices=OPTIMIZERS)
+  history_size: int = _option(25, "L-BFGS history.")
+  learning_rate: float = _option(
+      1.0, "Step size (L-BFGS: fixed step; adam: learning rate).")
+  network: str = _option("vgg19", "Network.", choices=vgg.NETWORKS)
+  weights: str = _option(
+      "", "Weights file (.npz, .caffemodel, .pth, .h5); empty: the fetched "
+      "default for --network.")
+  pooling: str = _option("max", "Pooling.", choices=vgg.POOLINGS)
   # Compute dtype of the VGG and of the matching products: float32, or
   # bfloat16 (accelerators); losses, gradients and L-BFGS stay float32.
-  dtype: str = "float32"
+  dtype: str = _option(
+      "float32", "Compute dtype of the VGG and the matching products "
+      "(bfloat16 for accelerators); losses, gradients and the optimiser stay "
+      "float32.", choices=DTYPES)
   # Output.
-  original_colors: bool = False
-  output_mode: str = "stretch"
-  save_every: int = 0
-  print_every: int = 10
-  checkpoint_every: int = 0
-  overwrite: bool = False
-  resume: bool = False
+  original_colors: bool = _option(
+      False, "Keep the content image's colours (transfer luminance only).")
+  output_mode: str = _option(
+      "stretch", "stretch: min-max stretch as the reference; clip: clip to "
+      "[0, 1].", choices=OUTPUT_MODES)
+  save_every: int = _option(
+      0, "Save an intermediate image every N iterations (0: never).")
+  print_every: int = _option(10, "Log progress every N iterations.")
+  checkpoint_every: int = _option(
+      0, "Checkpoint every N iterations (and at the end of every level).")
+  overwrite: bool = _option(False, "Replace existing results in --workdir.")
+  resume: bool = _option(False,
+                         "Continue from --workdir's last checkpoint.")
   # Memory check (memory.py): refuse runs estimated not to fit in the
   # available memory, or in max_memory_gb GiB when > 0.
-  check_memory: bool = True
-  max_memory_gb: float = 0.0
+  check_memory: bool = _option(
+      True, "Refuse a run whose estimated peak memory exceeds the available "
+      "memory (see cnnmrf_jax/memory.py).")
+  max_memory_gb: float = _option(
+      0.0, "Memory (GiB) the memory check allows instead of the available "
+      "memory; 0: the available memory.")
   # A directory for JAX's persistent compilation cache ('' = none): later
   # runs of the same shapes load their compiled programs instead of
-  # compiling them again (~10 s per pyramid level on a 2-core CPU).
-  compilation_cache: str = ""
+  # compiling them again.
+  compilation_cache: str = _option(
+      "", "Directory of JAX's persistent compilation cache: later runs of "
+      "the same sizes skip compiling. Empty: off.")
 
   # -- derived values --------------------------------------------------------
 
@@ -114,15 +165,9 @@ class Config:
     return tuple(self.style_blend_weights)
 
   def feature_layers(self) -> Tuple[str, ...]:
-    """Every VGG layer the objective reads, in no particular order."""
-    layers = set()
-    if self.mode in ("transfer", "texture"):
-      layers.update(self.mrf_layers)
-    if self.mode == "gatys":
-      layers.update(self.style_layers)
-    if self.mode in ("transfer", "gatys") and self.content_weight > 0:
-      layers.update(self.content_layers)
-    return tuple(sorted(layers))
+    """Every VGG layer the objective reads (terms.feature_layers)."""
+    from cnnmrf_jax import terms  # pylint: disable=g-import-not-at-top
+    return terms.feature_layers(self)
 
   # -- checks ----------------------------------------------------------------
 
@@ -140,9 +185,9 @@ class Config:
     if self.optimizer not in OPTIMIZERS:
       fail("optimizer",
            f"got {self.optimizer!r}; expected one of {OPTIMIZERS}")
-    if self.matching not in MATCHINGS:
-      fail("matching",
-           f"got {self.matching!r}; expected one of {MATCHINGS}")
+    if self.matching not in patches.MATCHINGS:
+      fail("matching", f"got {self.matching!r}; expected one of "
+           f"{patches.MATCHINGS}")
     if self.dtype not in DTYPES:
       fail("dtype", f"got {self.dtype!r}; expected one of {DTYPES}")
     if self.output_mode not in OUTPUT_MODES:
@@ -174,6 +219,10 @@ class Config:
     _check_finite("style_blend_weights", self.style_blend_weights,
                   nonnegative=True)
     _check_finite("learning_rate", [self.learning_rate], nonnegative=True)
+    if self.learning_rate <= 0:
+      # jaxopt takes a non-positive step size as "use a line search".
+      fail("learning_rate", f"expected a positive step size, got "
+           f"{self.learning_rate}")
     _check_finite("scaler", [self.scaler], nonnegative=True)
     _check_finite("max_memory_gb", [self.max_memory_gb], nonnegative=True)
     if self.scaler <= 0:
@@ -212,23 +261,6 @@ class Config:
       fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")
     return self
-
-  def check_coarsest_size(self, height: int, width: int, flag: str) -> None:
-    """Raises if a map at any MRF layer is smaller than a patch.
-
-    height, width: the coarsest level's image size of the input `flag`.
-    """
-    layers = self.mrf_layers if self.mode != "gatys" else ()
-    for layer in layers:
-      stride = vgg.downsampling_of(layer, self.network)
-      fh, fw = math.ceil(height / stride), math.ceil(width / stride)
-      if min(fh, fw) < self.patch_size:
-        fix = ("raise --max_size" if self.num_res == 1 else
-               f"raise --max_size or lower --num_res (now {self.num_res})")
-        raise ConfigError(
-            f"--{flag}: at the coarsest level the image is {height}x{width} "
-            f"px, so {layer} is {fh}x{fw}, smaller than a "
-            f"{self.patch_size}x{self.patch_size} patch; {fix}")
 
   # -- flag files ------------------------------------------------------------
 

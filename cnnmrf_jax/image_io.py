@@ -1,4 +1,4 @@
-"""Reading, writing and resizing images; pyramid sizes; colour transfer.
+"""Reading, writing and resizing images; colour transfer; contact sheets.
 
 Images inside the library are float arrays in [0, 1], RGB, `[H, W, 3]`
 (batched `[N, H, W, 3]` where stated). Reading and writing are host-side
@@ -6,7 +6,7 @@ Images inside the library are float arrays in [0, 1], RGB, `[H, W, 3]`
 also take jax arrays and can be jitted.
 
 Inputs are either a file path or `example:NAME`, one of the images that ship
-inside scikit-image and matplotlib (SPEC section 5; `example_names()`).
+inside scikit-image and matplotlib (`example_names()`).
 Reading is strict: a missing, unreadable, non-image or truncated file raises
 `ImageError` with a one-line message naming the flag and the file. Whatever
 is converted on the way (greyscale, alpha, palette, 16-bit, CMYK, EXIF
@@ -362,53 +362,15 @@ def read_image(path_or_name: PathLike, *,
 
 
 # ----------------------------------------------------------------------------
-# Sizes.
+# Checks.
 
 
-def _check_positive_int(name: str, value: Any) -> int:
+def check_positive_int(name: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be an int, got {value!r}")
   if value < 1:
     raise ValueError(f"{name} must be >= 1, got {value}")
   return int(value)
-
-
-def _ceil_div(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def fit_long_side(height: int, width: int, max_size: int) -> Tuple[int, int]:
-  """(h, w) with the long side exactly `max_size` and the aspect kept.
-
-  The short side is ceil(short * max_size / long), as the reference does
-  (math.ceil of the scaled size). Computed in integers so that no float
-  error rounds an exact size up by one. Scales up as well as down, as the
-  reference resizes both inputs to max_size whatever their size.
-  """
-  height = _check_positive_int("height", height)
-  width = _check_positive_int("width", width)
-  max_size = _check_positive_int("max_size", max_size)
-  long_side = max(height, width)
-  return (_ceil_div(height * max_size, long_side),
-          _ceil_div(width * max_size, long_side))
-
-
-def pyramid_sizes(height: int, width: int, num_res: int
-                  ) -> List[Tuple[int, int]]:
-  """Sizes of a `num_res`-level pyramid, coarsest first.
-
-  Level i has scale 1 / 2**(num_res - 1 - i) and size (ceil(height * scale),
-  ceil(width * scale)) (SPEC section 2: 1/4, 1/2, 1 for 3 levels); the last
-  level is (height, width).
-  """
-  height = _check_positive_int("height", height)
-  width = _check_positive_int("width", width)
-  num_res = _check_positive_int("num_res", num_res)
-  sizes = []
-  for i in range(num_res):
-    factor = 2 ** (num_res - 1 - i)
-    sizes.append((_ceil_div(height, factor), _ceil_div(width, factor)))
-  return sizes
 
 
 # ----------------------------------------------------------------------------
@@ -481,8 +443,8 @@ def resize(image: Array, height: int, width: int, *, antialias: bool = False,
   if antialias and method != "linear":
     raise ValueError("antialias applies to method='linear' only; 'torch' "
                      "already averages when shrinking")
-  height = _check_positive_int("height", height)
-  width = _check_positive_int("width", width)
+  height = check_positive_int("height", height)
+  width = check_positive_int("width", width)
   is_jax = isinstance(image, jax.Array)  # Tracers are jax.Arrays too.
   x = jnp.asarray(image)
   if x.ndim not in (3, 4):
@@ -638,10 +600,10 @@ def contact_sheet(images: Sequence[Array], labels: Sequence[str], *,
     raise ValueError(f"{len(images)} images but {len(labels)} labels")
   if not images:
     raise ValueError("no images for the contact sheet")
-  cell = _check_positive_int("cell", cell)
+  cell = check_positive_int("cell", cell)
   count = len(images)
   columns = (math.ceil(math.sqrt(count)) if columns is None
-             else _check_positive_int("columns", columns))
+             else check_positive_int("columns", columns))
   columns = min(columns, count)
   rows = math.ceil(count / columns)
 

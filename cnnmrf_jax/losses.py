@@ -171,7 +171,7 @@ def gram_loss(features: jnp.ndarray, target_gram: jnp.ndarray, *,
   features [H, W, C] (N = C channels, M = H * W positions), target_gram
   [C, C] from `gram_matrix` / `blend_grams`. With Gatys' unnormalised
   G' = F^T F = M G and A' = M A this equals his
-  weight / (4 N^2 M^2) * ||G' - A'||^2 (SPEC section 3), now also defined
+  weight / (4 N^2 M^2) * ||G' - A'||^2 (Gatys et al., Eq. 4-5), now also defined
   when the style and the synthesis differ in size.
   """
   _check_rank3(features, "gram_loss: features")

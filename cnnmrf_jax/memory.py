@@ -1,55 +1,44 @@
 """An estimate of a run's peak memory, and a check that it fits.
 
 CNNMRF on a large image fails late and badly: users of the reference report
-800x638 px needing ~18 GB and 960x1280 over 30 GB (SPEC section 2), and an
-out-of-memory kill takes the machine's other work with it. So before any
-weights are loaded or targets built, `check_fits` compares
-`estimate_peak_bytes` with the memory available and refuses, naming
---max_size, when the run cannot fit. `--max_memory_gb` replaces the
+800x638 px needing ~18 GB and 960x1280 over 30 GB, and an out-of-memory kill
+takes the machine's other work with it. So before any weights are loaded or
+targets built, the plan of the run (plan.py) adds up `level_bytes` of every
+level and `fixed_bytes`, and `check_fits` refuses, naming --max_size, a run
+that cannot fit in the memory available. `--max_memory_gb` replaces the
 available memory with a figure of the user's, `--nocheck_memory` skips the
 check.
 
-What is counted (float32, 4 bytes a value), all at the finest pyramid level,
-where every array is largest (a coarser level holds a quarter as much):
+What is counted per level (float32, 4 bytes a value), from the plan's sizes:
 
   1. The VGG pass over the image being optimised, forward and backward:
-     every conv, relu and pool map up to the deepest layer the objective
-     reads, twice (the forward maps kept for the backward pass, and the
-     gradients flowing back through them), per pair.
-  2. The style side: per MRF layer the patch bank [M, 9 C] with
-     M = `patches.bank_size` over every style copy (rotations x scales of
-     every style image; a scaled copy is counted at its larger size),
-     three times (the extracted pieces, their concatenation, the copy
-     stacked over the pairs), and every copy's feature map it is built
-     from; one copy's VGG forward pass; the content target map; gatys: the
-     Gram matrices.
+     every conv and pool map up to the deepest layer the objective reads,
+     twice (the forward maps kept for the backward pass, and the gradients
+     flowing back through them), per pair.
+  2. The style side: per MRF layer the patch bank [M, 9 C] (M the batch's
+     bank size), three times (the extracted pieces, their concatenation,
+     the copy stacked over the pairs), and every copy's feature map it is
+     built from; one copy's VGG forward pass; the content target map;
+     gatys: the Gram matrices.
   3. Matching, per MRF layer: the synthesis patches and their matched
      targets [P, 9 C] and one chunk of scores [chunk, P].
   4. The optimiser: L-BFGS keeps 2 * history_size images (s and y) plus a
      few working images (x, gradient, direction, new x, ...); Adam a few.
-  5. Fixed costs: the decoded input images, the VGG weights (a host and a
-     device copy) and the JAX/XLA runtime itself.
+
+and once: the decoded input images, the VGG weights (a host and a device
+copy) and the JAX/XLA runtime itself.
 
 Not counted: XLA's compile-time memory and its choice of which buffers live
 at once (it may fuse some of the maps above away, or keep a temporary we do
 not list). It answers "will this fit at all", not "how much exactly", and
-errs high. Against the peak RSS of real runs on CPU (jax 0.10.2, VGG19,
-transfer mode with the default layers, one level, 2 iterations):
-
-    output      style copies   estimated   measured
-    54x64       1              0.76 GiB    0.68 GiB
-    160x192     1              0.94 GiB    0.80 GiB
-    320x384     1              1.56 GiB    1.19 GiB
-    320x384     9              2.32 GiB    1.84 GiB
-    534x640     1              3.02 GiB    2.04 GiB
-
-(tests/robustness_test.py checks it again at toy size on every run).
+errs high; tests/robustness_test.py compares it with the peak resident
+memory of small real runs, and benchmarks/bench_synthesis.py with large ones.
 """
 
 import math
 import os
 import pathlib
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 
@@ -74,8 +63,8 @@ def _vgg_maps(height: int, width: int, deepest: str, network: str
 
   Spatial sizes follow the ceil-mode pooling of `vgg.pool2x2_ceil`. ReLU
   maps are not counted in the sum: XLA fuses each ReLU into its conv, and
-  the backward pass keeps one map per conv (measured at 1024 and 2048 px,
-  counting them too overestimated the peak ~2x).
+  the backward pass keeps one map per conv (counting them too overestimated
+  the peak ~2x at 1024 and 2048 px).
   """
   total = largest = 0
   h, w, channels = height, width, 3
@@ -98,62 +87,21 @@ def _deepest(layers: Sequence[str], network: str) -> str:
   return max(layers, key=names.index)
 
 
-def _map_size(height: int, width: int, layer: str, network: str
-              ) -> Tuple[int, int]:
-  """(h, w) of `layer`'s map for a height x width input (ceil pooling)."""
-  h, w = height, width
-  for _ in range(int(math.log2(vgg.downsampling_of(layer, network)))):
-    h, w = math.ceil(h / 2), math.ceil(w / 2)
-  return h, w
-
-
-def _copy_sizes(config: config_lib.Config, height: int, width: int
-                ) -> Sequence[Tuple[int, int]]:
-  """Upper bounds on the sizes of a style image's augmented copies.
-
-  Rotated copies are cropped inside the original, so never larger than it;
-  scaled copies are scale_step**k times it (`patches.augment_style`).
-  """
-  sizes = []
-  for _ in range(2 * config.num_rotations + 1):
-    for k in range(-config.num_scales, config.num_scales + 1):
-      factor = 1.05 ** k
-      sizes.append((max(1, round(height * factor)),
-                    max(1, round(width * factor))))
-  return sizes
-
-
-def estimate_peak_bytes(config: config_lib.Config, height: int, width: int,
-                        style_sizes: Sequence[Tuple[int, int]], *,
-                        input_pixels: int = 0, num_pairs: int = 1) -> int:
-  """Estimated peak memory of a run, in bytes (see the module docstring).
-
-  Args:
-    config: the run's configuration.
-    height, width: the output size, i.e. the finest level's.
-    style_sizes: (h, w) of every style image at the finest level (after
-      fitting to --max_size, or --max_size / --scaler in texture mode).
-    input_pixels: pixels of every decoded input image together (they stay
-      in memory for the whole run as float32 RGB).
-    num_pairs: N, the (content, style) pairs solved together.
-
-  Returns:
-    The estimate in bytes.
-  """
+def level_bytes(config: config_lib.Config, level: Any,
+                num_pairs: int) -> int:
+  """Estimated bytes in use while solving one level (`plan.LevelPlan`) of
+  num_pairs pairs, besides `fixed_bytes` (see the module docstring)."""
   network = config.network
   layers = config.feature_layers()
-  image = height * width * 3
+  height, width = level.size
   per_pair = 0
 
   # 1. VGG forward and backward over the image being optimised.
   total, _ = _vgg_maps(height, width, _deepest(layers, network), network)
   per_pair += 2 * total
 
-  # 2. Style side and content target.
-  if config.mode == "gatys":
-    copies = list(style_sizes)
-  else:
-    copies = [c for h, w in style_sizes for c in _copy_sizes(config, h, w)]
+  # 2. Style side and content target. Copies of the pair with the most.
+  copies = max(level.copies, key=lambda c: sum(h * w for h, w in c))
   largest_copy = 0
   for h, w in copies:  # the style pass computes every layer the run reads
     _, largest = _vgg_maps(h, w, _deepest(layers, network), network)
@@ -162,37 +110,34 @@ def estimate_peak_bytes(config: config_lib.Config, height: int, width: int,
   if config.mode == "gatys":
     per_pair += sum(vgg.channels_of(l, network) ** 2
                     for l in config.style_layers)
-  else:
-    for layer in config.mrf_layers:
-      channels = vgg.channels_of(layer, network)
-      depth = config.patch_size ** 2 * channels
-      maps = [_map_size(h, w, layer, network) for h, w in copies]
-      per_pair += sum(h * w * channels for h, w in maps)
-      maps = [m for m in maps if min(m) >= config.patch_size]
-      bank = patches.bank_size(maps, config.patch_size, config.style_stride)
-      per_pair += 3 * bank * (depth + 2)  # patches, inv_norms, valid
-      # 3. Matching: synthesis patches, matched targets, one score chunk.
-      synth = _map_size(height, width, layer, network)
-      if min(synth) >= config.patch_size:
-        count = patches.num_patches(*synth, config.patch_size,
-                                    config.synth_stride)
-        chunk = min(bank, config.chunk_size or patches.DEFAULT_CHUNK_SIZE)
-        per_pair += 2 * count * depth + 2 * chunk * count
+  for mrf in level.mrf:
+    channels = vgg.channels_of(mrf.layer, network)
+    depth = config.patch_size ** 2 * channels
+    per_pair += sum(math.prod(vgg.map_size(h, w, mrf.layer, network)) *
+                    channels for h, w in copies)
+    per_pair += 3 * mrf.bank_size * (depth + 2)  # patches, inv_norms, valid
+    # 3. Matching: synthesis patches, matched targets, one score chunk.
+    chunk = min(mrf.bank_size,
+                config.chunk_size or patches.DEFAULT_CHUNK_SIZE)
+    per_pair += 2 * mrf.num_patches * depth + 2 * chunk * mrf.num_patches
   if config.mode in ("transfer", "gatys") and config.content_weight > 0:
-    for layer in config.content_layers:
-      h, w = _map_size(height, width, layer, network)
-      per_pair += h * w * vgg.channels_of(layer, network)
+    for layer in level.layers:
+      if layer.name in config.content_layers:
+        per_pair += math.prod(layer.size) * layer.channels
 
   # 4. The optimiser.
   history = (2 * config.history_size
              if config.optimizer in ("lbfgs", "optax_lbfgs") else 0)
-  per_pair += (history + _WORKING_IMAGES) * image
+  per_pair += (history + _WORKING_IMAGES) * height * width * 3
+  return _FLOAT * num_pairs * per_pair
 
-  # 5. Fixed costs.
-  weights = sum(math.prod(s) for shapes in vgg.conv_shapes(network).values()
-                for s in shapes.values())
-  fixed = 2 * weights + 3 * input_pixels
-  return int(_FLOAT * (num_pairs * per_pair + fixed) + RUNTIME_BYTES)
+
+def fixed_bytes(config: config_lib.Config, input_pixels: int) -> int:
+  """Bytes in use for the whole run: the decoded inputs (float32 RGB), the
+  VGG weights (a host and a device copy) and the runtime."""
+  weights = sum(math.prod(s) for shapes in vgg.conv_shapes(
+      config.network).values() for s in shapes.values())
+  return _FLOAT * (2 * weights + 3 * input_pixels) + RUNTIME_BYTES
 
 
 def available_bytes() -> Tuple[int, str]:
@@ -244,19 +189,15 @@ def _gib(value: float) -> str:
   return f"{value / GIB:.1f} GiB"
 
 
-def check_fits(config: config_lib.Config, height: int, width: int,
-               style_sizes: Sequence[Tuple[int, int]], *,
-               input_pixels: int = 0, num_pairs: int = 1,
-               limit_bytes: Optional[int] = None) -> int:
-  """Raises ConfigError naming --max_size if the run would not fit.
+def check_fits(config: config_lib.Config, output_size: Tuple[int, int],
+               needed: int, *, limit_bytes: Optional[int] = None) -> int:
+  """Raises ConfigError naming --max_size if `needed` bytes (the plan's
+  estimate for an output of output_size) would not fit.
 
   The limit is `limit_bytes`, else --max_memory_gb when set, else
   `available_bytes()`. Nothing is checked with --nocheck_memory or when the
-  available memory cannot be read. Returns the estimate in bytes.
+  available memory cannot be read. Returns `needed`.
   """
-  needed = estimate_peak_bytes(config, height, width, style_sizes,
-                               input_pixels=input_pixels,
-                               num_pairs=num_pairs)
   if not config.check_memory:
     return needed
   if limit_bytes is not None:
@@ -268,6 +209,7 @@ def check_fits(config: config_lib.Config, height: int, width: int,
     if limit_bytes <= 0:
       return needed
   if needed > limit_bytes:
+    height, width = output_size
     raise config_lib.ConfigError(
         f"--max_size: a {height}x{width} px run (--max_size="
         f"{config.max_size}) needs about {_gib(needed)} of memory, but "

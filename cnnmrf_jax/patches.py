@@ -1,4 +1,4 @@
-"""Neural patches: extraction, style augmentation, NCC matching, folding.
+"""Neural patches on the device: extraction, NCC matching, folding.
 
 CNNMRF (Li & Wand, CVPR 2016) compares k x k x C patches Psi_i(Phi(x)) of a
 feature map with patches Psi_j(Phi(x_s)) of the style's map (Eq. 2) and pairs
@@ -21,7 +21,7 @@ by synthesis patches), ~0.4 GiB at 384 px with 9 style copies and growing
 with the fourth power of the side, so it is never built whole: `match` scans
 over chunks of the bank keeping a running max and argmax. On XLA:CPU a
 matmul of sliced patch rows beats a convolution with the style patches as
-filters by 2.6-4x (STYLE.md). Scoring a chunk as [chunk, P] and reducing
+filters by 2.6-4x. Scoring a chunk as [chunk, P] and reducing
 over the leading axis with max, then the lowest index equal to the max, ran
 10-25 % faster than [P, chunk] with jnp.argmax in a round-robin comparison
 on this 2-core CPU; with 512-row chunks the scan was no slower than one
@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
-from PIL import Image
 
 # benchmarks/bench_matching.py on a 2-core CPU: chunks of 256 to 1024 were
 # within noise (+-10 %) of each other for relu3_1 / relu4_1 at 256-512 px
@@ -474,7 +473,7 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
   Two formulations of the same scores:
     matmul: extract the [P, D] synthesis patches once, then a [chunk, D] x
       [D, P] product per chunk. On XLA:CPU it ran 2.6-4x faster than conv
-      (STYLE.md; benchmarks/bench_synthesis.py --matching compares them in
+      (benchmarks/bench_synthesis.py --matching compares them in
       the whole iteration), so it is the default.
     conv: the chunk's patches as k x k filters over the map at the grid
       positions only, no [P, D] copy of the map; cuDNN-style convolutions
@@ -520,104 +519,3 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
   sq_norms = jnp.sum(extract_patches(sq_map, patch_size=patch_size,
                                      stride=stride), axis=1)
   return _finish(best, best_index, sq_norms)
-
-
-def _rotated_crop_size(width: int, height: int, radians: float
-                       ) -> Tuple[float, float]:
-  """Largest axis-aligned rectangle inside a rotated width x height one.
-
-  Centre both at the origin; by symmetry the best rectangle is centred with
-  half-sides (a, b) >= 0, and it fits iff its corners stay inside the rotated
-  rectangle: a*c + b*s <= width/2 and a*s + b*c <= height/2 (c = |cos|,
-  s = |sin|). Maximising a*b under two linear constraints: the optimum lies
-  where one constraint alone is tight at its own maximiser (a, b halfway
-  along it), or where both are tight. Returns (full width, full height).
-  """
-  c, s = abs(math.cos(radians)), abs(math.sin(radians))
-  half_w, half_h = width / 2.0, height / 2.0
-  fits = lambda a, b: (a * c + b * s <= half_w * (1 + 1e-9) and
-                       a * s + b * c <= half_h * (1 + 1e-9))
-  candidates = []
-  if s < 1e-12:
-    candidates.append((half_w / c, half_h / c))
-  elif c < 1e-12:
-    candidates.append((half_h / s, half_w / s))
-  else:
-    candidates += [(half_w / (2 * c), half_w / (2 * s)),
-                   (half_h / (2 * s), half_h / (2 * c))]
-    det = c * c - s * s
-    if abs(det) > 1e-12:
-      a = (half_w * c - half_h * s) / det
-      b = (half_h * c - half_w * s) / det
-      if a >= 0 and b >= 0:
-        candidates.append((a, b))
-  a, b = max((ab for ab in candidates if fits(*ab)),
-             key=lambda ab: ab[0] * ab[1])
-  return 2 * a, 2 * b
-
-
-def _map_channels(image: np.ndarray, fn) -> np.ndarray:
-  """Applies a PIL operation per channel in float mode 'F' (no 8-bit loss)."""
-  return np.stack([np.asarray(fn(Image.fromarray(
-      np.ascontiguousarray(image[..., i]), mode="F")), np.float32)
-                   for i in range(image.shape[-1])], axis=-1)
-
-
-def _rotate_and_crop(image: np.ndarray, degrees: float) -> np.ndarray:
-  height, width = image.shape[:2]
-  rotated = _map_channels(
-      image, lambda im: im.rotate(degrees, resample=Image.BILINEAR,
-                                  expand=True))
-  crop_w, crop_h = _rotated_crop_size(width, height, math.radians(degrees))
-  # Rounding down keeps every output pixel centre inside the source image;
-  # PIL's bilinear clamps neighbours at the source border there, so nothing
-  # blends with the blank outside (checked in tests/patches_test.py).
-  crop_w = max(int(math.floor(crop_w)), 1)
-  crop_h = max(int(math.floor(crop_h)), 1)
-  top = (rotated.shape[0] - crop_h) // 2
-  left = (rotated.shape[1] - crop_w) // 2
-  return rotated[top:top + crop_h, left:left + crop_w]
-
-
-def _scale(image: np.ndarray, factor: float) -> np.ndarray:
-  height, width = image.shape[:2]
-  size = (max(int(round(width * factor)), 1),
-          max(int(round(height * factor)), 1))
-  return _map_channels(image, lambda im: im.resize(size, Image.BILINEAR))
-
-
-def augment_style(image: np.ndarray, *, num_rotations: int = 0,
-                  num_scales: int = 0, rotation_step: float = 7.5,
-                  scale_step: float = 1.05) -> List[np.ndarray]:
-  """Rotated and scaled copies of a style image (host side, PIL).
-
-  As the reference: rotations by k * rotation_step degrees (counter-
-  clockwise), k in [-R, R], each cropped to the largest axis-aligned
-  rectangle inside the rotated image (no blank corners); then each is
-  resized by scale_step ** k, k in [-S, S] (both sides, aspect kept, long
-  side rounded). The copy for k = 0, 0 is the image itself, unchanged.
-
-  Args:
-    image: [H, W, 3] float32 RGB in [0, 1].
-
-  Returns:
-    (2R + 1) * (2S + 1) float32 arrays [H_i, W_i, 3], rotation-major.
-  """
-  image = np.asarray(image)
-  if image.ndim != 3:
-    raise ValueError(f"augment_style expects one image [H, W, 3], got shape "
-                     f"{image.shape}")
-  for name, value in (("num_rotations", num_rotations),
-                      ("num_scales", num_scales)):
-    if int(value) != value or value < 0:
-      raise ValueError(f"{name} must be a non-negative integer, got "
-                       f"{value!r}")
-  if scale_step <= 0:
-    raise ValueError(f"scale_step must be positive, got {scale_step}")
-  image = image.astype(np.float32)
-  copies = []
-  for r in range(-num_rotations, num_rotations + 1):
-    rotated = image if r == 0 else _rotate_and_crop(image, r * rotation_step)
-    for s in range(-num_scales, num_scales + 1):
-      copies.append(rotated if s == 0 else _scale(rotated, scale_step ** s))
-  return copies

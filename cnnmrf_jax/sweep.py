@@ -60,7 +60,6 @@ summarises what is finished when it ends; run --summary_only after the
 last for the complete one.
 """
 
-import copy
 import csv
 import dataclasses
 import glob
@@ -73,7 +72,6 @@ import platform
 import re
 import sys
 import time
-import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import app
@@ -81,10 +79,12 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from cnnmrf_jax import cli
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import fileio
-# Imported for its flags: every synthesis flag is a sweep flag too.
-from cnnmrf_jax import main as synthesis_cli  # pylint: disable=unused-import
+
+# Every synthesis flag is a sweep flag too.
+cli.define_flags()
 
 _GRID = flags.DEFINE_multi_string(
     "grid", [], "A sweep axis FLAG=V1,V2,... (repeatable; axes are crossed). "
@@ -149,9 +149,8 @@ class Point:
 
 
 def _point_flag_names() -> List[str]:
-  """main.py's flags that are Config fields, plus --workdir (ignored)."""
-  names = [f.name for f in dataclasses.fields(config_lib.Config)]
-  return [n for n in names + ["workdir"] if n in flags.FLAGS]
+  """The synthesis flags a point may set (--workdir is ignored)."""
+  return [n for n in cli.flag_names() if n != "pairs"]
 
 
 def common_argv() -> List[str]:
@@ -245,34 +244,8 @@ def task_slice(points: Sequence[Point], task_index: int,
 
 def parse_point(argv: Sequence[str]) -> config_lib.Config:
   """A point's flags -> its validated Config, parsed exactly as main.py
-  parses them (a private copy of its flags, so the sweep's own stay)."""
-  values = flags.FlagValues()
-  for name in _point_flag_names():
-    values[name] = copy.deepcopy(flags.FLAGS[name])
-  values.unparse_flags()
-  try:
-    extra = values(["point"] + list(argv))
-  except flags.Error as e:
-    raise config_lib.ConfigError(str(e).replace("ERROR:: ", "")) from None
-  if len(extra) > 1:
-    raise config_lib.ConfigError(f"unexpected arguments {extra[1:]}")
-  hints = typing.get_type_hints(config_lib.Config)
-  fields = {}
-  for field in dataclasses.fields(config_lib.Config):
-    if field.name not in values or values[field.name].value is None:
-      continue
-    value = values[field.name].value
-    if typing.get_origin(hints[field.name]) is tuple:
-      kind = typing.get_args(hints[field.name])[0]
-      try:
-        value = tuple(kind(v) for v in value)
-      except ValueError:
-        raise config_lib.ConfigError(
-            f"--{field.name}: expected comma-separated {kind.__name__}s, "
-            f"got {','.join(map(str, value))!r}") from None
-    fields[field.name] = value
-  fields.update(overwrite=False, resume=False)
-  return config_lib.Config(**fields).validate()
+  parses them (into flags of its own, so the sweep's own stay)."""
+  return cli.parse_config(argv, overwrite=False, resume=False)
 
 
 # ----------------------------------------------------------------------------
@@ -333,11 +306,14 @@ class _Runner:
     import jax
     from cnnmrf_jax import batch
     from cnnmrf_jax import image_io
+    from cnnmrf_jax import plan
     from cnnmrf_jax import synthesize
     from cnnmrf_jax import weights
+    from cnnmrf_jax import workdir
     # pylint: enable=g-import-not-at-top
-    self.batch, self.image_io = batch, image_io
+    self.batch, self.image_io, self.plan = batch, image_io, plan
     self.synthesize, self.weights = synthesize, weights
+    self.workdir = workdir
     self.root = root
     self.batch_size = batch_size or jax.local_device_count()
     self.task = task
@@ -365,20 +341,17 @@ class _Runner:
 
   def _shape_key(self, config) -> Tuple[Any, ...]:
     """Points with equal keys can share a compiled batch: the config minus
-    per-pair fields, the output size and the style sizes (from the image
-    headers: nothing is decoded until a point runs)."""
+    per-pair fields and the output size of its plan (from the image
+    headers: nothing is decoded until a point runs). Style sizes may
+    differ: smaller banks are padded."""
     image_io = self.image_io
-    if config.mode == "texture":
-      size = image_io.image_size(config.style_image[0], flag="style_image")
-    else:
-      size = image_io.image_size(config.content_image, flag="content_image")
-    styles = ()
-    if config.mode != "gatys":  # Gram matrices do not depend on the size
-      styles = tuple(self.synthesize.style_size(
-          config, image_io.image_size(s, flag="style_image"), 1.0)
-                     for s in config.style_image)
+    size = lambda path, flag: image_io.image_size(path, flag=flag)
+    sizes = self.plan.InputSizes(
+        None if config.mode == "texture" else size(config.content_image,
+                                                   "content_image"),
+        tuple(size(s, "style_image") for s in config.style_image))
     return (self.batch.batch_key(config),
-            image_io.fit_long_side(*size, config.max_size), styles)
+            self.plan.output_size(config, sizes))
 
   def run(self, points: Sequence[Point], overwrite: bool) -> None:
     groups: Dict[Tuple[Any, ...], List[Tuple[Point, Any]]] = {}
@@ -431,13 +404,14 @@ class _Runner:
     logging.info("running %d point(s): %s", len(loaded), names)
     try:
       inputs = self.batch.concat([i for _, _, i in loaded])
-      # A batch that would not fit in memory fails here, before any work,
-      # and falls back to its points one by one.
-      self.synthesize.check_memory(loaded[0][1], inputs)
+      # A batch that breaks a size rule or would not fit in memory fails
+      # here, before any work, and falls back to its points one by one.
+      run_plan = self.plan.make(loaded[0][1], inputs.sizes())
+      self.plan.check(loaded[0][1], run_plan)
       synthesizer = self._synthesizer(loaded[0][1], len(loaded),
                                       synthesizers)
       t0 = time.perf_counter()
-      result = synthesizer.run(inputs)
+      result = synthesizer.run(inputs, run_plan=run_plan)
       seconds = time.perf_counter() - t0
     except Exception as e:  # pylint: disable=broad-except
       if len(loaded) == 1:
@@ -456,23 +430,23 @@ class _Runner:
 
   def _write_point(self, point, config, result, n, seconds, count) -> None:
     """Pair n of a batch's result into the point's workdir."""
-    synthesize = self.synthesize
+    files = self.workdir
     workdir = self.root / point.name
     history = [{k: (v[n] if isinstance(v, list) else v)
                 for k, v in record.items()} for record in result.history]
-    fileio.atomic_write_bytes(workdir / synthesize.FLAGS_NAME, (
+    fileio.atomic_write_bytes(workdir / files.FLAGS_NAME, (
         "\n".join(config.to_flag_lines()) + "\n").encode())
     fileio.atomic_write_bytes(
-        workdir / synthesize.VERSIONS_NAME,
-        json.dumps(synthesize.software_versions(), indent=2).encode())
+        workdir / files.VERSIONS_NAME,
+        json.dumps(files.software_versions(), indent=2).encode())
     fileio.atomic_write_bytes(
-        workdir / synthesize.LOG_NAME,
+        workdir / files.LOG_NAME,
         "".join(json.dumps(r) + "\n" for r in history).encode())
-    self.image_io.write_image(workdir / synthesize.RESULT_NAME,
+    self.image_io.write_image(workdir / files.RESULT_NAME,
                               result.images[n], mode=config.output_mode)
     iters = [r["seconds_per_iter"] for r in history if r["iter"] > 0]
     _write_state(self.root, point, status="done", error="",
-                 flags=config.to_flag_lines(), result=synthesize.RESULT_NAME,
+                 flags=config.to_flag_lines(), result=files.RESULT_NAME,
                  final=_final_values(history), seconds=seconds / count,
                  batch_seconds=seconds, batch_size=count,
                  seconds_per_iter=float(np.mean(iters)) if iters else None,

@@ -85,6 +85,15 @@ def downsampling_of(layer: str, network: str = "vgg19") -> int:
   return 2 ** sum(1 for n in upto if n.startswith("pool"))
 
 
+def map_size(height: int, width: int, layer: str,
+             network: str = "vgg19") -> Tuple[int, int]:
+  """(h, w) of `layer`'s map for a height x width input. Each 2x2 pool in
+  ceil mode halves a side rounding up, so a total stride s gives
+  ceil(side / s)."""
+  stride = downsampling_of(layer, network)
+  return -(-height // stride), -(-width // stride)
+
+
 def check_layers(layers: Iterable[str], network: str = "vgg19", *,
                  flag: str = "layers") -> None:
   """Raises ValueError naming `flag` if any layer is not in `network`."""

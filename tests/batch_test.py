@@ -25,6 +25,7 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import main
 from cnnmrf_jax import synthesize
+from cnnmrf_jax import workdir as workdir_lib
 from cnnmrf_jax import weights
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def test_batch_of_three_equals_three_single_runs(pairs, random_vgg19,
   assert sorted(p.name for p in out.glob("result*.png")) == [
       "result_0.png", "result_1.png", "result_2.png"]
   log = [json.loads(line) for line in
-         (out / synthesize.LOG_NAME).read_text().splitlines()]
+         (out / workdir_lib.LOG_NAME).read_text().splitlines()]
   assert [len(r["loss"]) for r in log] == [3] * 4  # iterations 0..3
 
   config = tiny_config(pairs)
@@ -151,7 +152,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     import numpy as np
-    from cnnmrf_jax import batch, config as config_lib, synthesize, vgg
+    from cnnmrf_jax import batch, config as config_lib, solve, synthesize, vgg
 
     pairs = json.loads(sys.argv[1])
     params = vgg.init_params("vgg19", seed=0)
@@ -167,13 +168,16 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       synthesizer = synthesize.Synthesizer(config, params, "caffe",
                                            mesh=mesh)
       seen = {}
-      solve = synthesizer.solve_level
-      def spy(x, targets, **kwargs):
-        x_out, state, history = solve(x, targets, **kwargs)
+      solve_level = solve.solve_level
+      def spy(stepper, x, targets, **kwargs):
+        x_out, state, history = solve_level(stepper, x, targets, **kwargs)
         seen.update(x=x, targets=targets, x_out=x_out, state=state)
         return x_out, state, history
-      synthesizer.solve_level = spy
-      return synthesizer.run(inputs), seen
+      solve.solve_level = spy
+      try:
+        return synthesizer.run(inputs), seen
+      finally:
+        solve.solve_level = solve_level
 
     def layout(array):
       return {"spec": str(tuple(array.sharding.spec)),

@@ -49,13 +49,6 @@ def test_bad_values_name_the_flag(changes, flag):
     base(**changes).validate()
 
 
-def test_coarsest_size_check_names_the_flag():
-  c = base(num_res=3)
-  c.check_coarsest_size(96, 96, flag="content_image")  # relu4_1 is 12x12
-  with pytest.raises(config_lib.ConfigError, match="--content_image.*relu4_1"):
-    c.check_coarsest_size(16, 40, flag="content_image")
-
-
 def test_flag_lines_round_trip_values():
   c = base(num_iter=(5, 6, 7), mrf_weight=(1e-4, 2e-4), original_colors=True)
   lines = c.to_flag_lines()

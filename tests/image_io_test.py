@@ -298,32 +298,6 @@ def test_example_greyscale_texture_and_portrait():
 
 
 # ----------------------------------------------------------------------------
-# Sizes.
-
-
-def test_fit_long_side():
-  assert image_io.fit_long_side(512, 512, 384) == (384, 384)
-  assert image_io.fit_long_side(600, 512, 384) == (384, 328)  # 327.68
-  assert image_io.fit_long_side(383, 511, 384) == (288, 384)  # 287.8
-  assert image_io.fit_long_side(100, 300, 384) == (128, 384)  # Exact.
-  assert image_io.fit_long_side(1, 1001, 384) == (1, 384)
-  assert image_io.fit_long_side(7, 5, 1000) == (1000, 715)  # Upscale.
-  with pytest.raises(ValueError):
-    image_io.fit_long_side(0, 5, 10)
-
-
-def test_pyramid_sizes():
-  assert image_io.pyramid_sizes(384, 328, 3) == [(96, 82), (192, 164),
-                                                  (384, 328)]
-  assert image_io.pyramid_sizes(383, 511, 3) == [(96, 128), (192, 256),
-                                                  (383, 511)]
-  assert image_io.pyramid_sizes(5, 3, 4) == [(1, 1), (2, 1), (3, 2), (5, 3)]
-  assert image_io.pyramid_sizes(10, 20, 1) == [(10, 20)]
-  with pytest.raises(ValueError):
-    image_io.pyramid_sizes(10, 20, 0)
-
-
-# ----------------------------------------------------------------------------
 # Resize.
 
 

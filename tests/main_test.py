@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import cli
 from cnnmrf_jax import main
 from cnnmrf_jax import synthesize
+from cnnmrf_jax import workdir as workdir_lib
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob(
     "*.flags"))
@@ -24,7 +26,7 @@ def parse(argv):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["cnnmrf_jax"] + list(argv))
   try:
-    return main.config_from_flags()
+    return cli.config_from_flags()
   finally:
     flags.FLAGS.unparse_flags()
 
@@ -56,7 +58,7 @@ def test_resolved_flag_file_reproduces_the_run(tiny_images, random_vgg19,
                   "--seed=7", "--mrf_weight=1e-4,2e-4"])
   first = synthesize.run(config, str(tmp_path / "a"), params=random_vgg19[0],
                          convention=random_vgg19[1])
-  again = parse([f"--flagfile={tmp_path / 'a' / synthesize.FLAGS_NAME}"])
+  again = parse([f"--flagfile={tmp_path / 'a' / workdir_lib.FLAGS_NAME}"])
   assert again == config
   second = synthesize.run(again, str(tmp_path / "b"), params=random_vgg19[0],
                           convention=random_vgg19[1])

@@ -34,7 +34,11 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import main
 from cnnmrf_jax import memory
+from cnnmrf_jax import plan
+from cnnmrf_jax import solve
 from cnnmrf_jax import synthesize
+from cnnmrf_jax import targets as targets_lib
+from cnnmrf_jax import workdir as workdir_lib
 from cnnmrf_jax import weights
 
 import conftest
@@ -228,7 +232,7 @@ BAD_INPUTS = [
      ["{inf_npz}: ", "holding NaN or Inf: conv1_2/kernel"]),
     # The workdir (weights load first here: these are checked by the writer).
     ("workdir_is_a_file", ["--workdir={text}", "--weights={weights}"],
-     ["--workdir: cannot create the directory {text}"]),
+     ["--workdir: {text} is a file, not a directory"]),
     ("resume_without_checkpoint", ["--resume", "--weights={weights}"],
      ["--resume: no checkpoint in"]),
 ]
@@ -245,7 +249,7 @@ def test_bad_input_is_one_line_naming_it(name, argv, expected, files,
   assert len(lines) == 1, lines
   for fragment in expected:
     assert fragment.format(**files) in lines[0], lines[0]
-  assert not (tmp_path / "run" / synthesize.RESULT_NAME).exists()
+  assert not (tmp_path / "run" / workdir_lib.RESULT_NAME).exists()
 
 
 def test_unreadable_image_names_the_file(files, tmp_path, capsys,
@@ -345,37 +349,44 @@ def test_a_network_failure_says_how_to_provide_the_weights(
 # 2. The memory estimate.
 
 
+def _estimate(config, height, width, style, num_pairs=1):
+  sizes = plan.InputSizes((height, width), (style,))
+  return plan.make(config, [sizes] * num_pairs).memory_bytes
+
+
 def test_memory_estimate_grows_with_what_it_counts():
-  config = config_lib.Config(content_image="c.png", style_image=("s.png",))
-  estimate = lambda c, side: memory.estimate_peak_bytes(
-      c, side, side, [(side, side)]) - memory.RUNTIME_BYTES
+  config = config_lib.Config(content_image="c.png", style_image=("s.png",),
+                             max_size=1024)
+  def estimate(c, side):
+    c = config_lib.replace(c, max_size=side)
+    return _estimate(c, side, side, (side, side)) - memory.RUNTIME_BYTES
   small, large = estimate(config, 512), estimate(config, 1024)
   # Linear in the pixels once the matching chunk is full.
   assert 3.5 < (large - small) / (small - estimate(config, 256)) < 4.5
   augmented = config_lib.replace(config, num_rotations=1, num_scales=1)
-  # Eight more style copies: at least eight more relu3_1 banks [M, 9 C].
-  assert estimate(augmented, 1024) > large + 8 * 128 * 128 * 9 * 256 * 4
+  # Eight more style copies: at least eight more relu3_1 banks [M, 9 C] of
+  # copies at least (1024 / 1.05 / 1.15)^2 px.
+  assert estimate(augmented, 1024) > large + 8 * 100 * 100 * 9 * 256 * 4
   shorter = config_lib.replace(config, history_size=5)
   assert large - estimate(shorter, 1024) == 40 * 1024 * 1024 * 3 * 4
-  assert memory.estimate_peak_bytes(config, 1024, 1024, [(1024, 1024)],
-                                    num_pairs=2) > 1.9 * large
+  assert _estimate(config, 1024, 1024, (1024, 1024), num_pairs=2) > (
+      1.9 * large)
 
 
 def test_check_fits_names_the_flag_and_the_figures():
   config = config_lib.Config(content_image="c.png", style_image=("s.png",),
                              max_size=1024)
-  needed = memory.estimate_peak_bytes(config, 768, 1024, [(768, 1024)])
-  assert memory.check_fits(config, 768, 1024, [(768, 1024)],
-                           limit_bytes=needed) == needed
+  needed = _estimate(config, 768, 1024, (768, 1024))
+  run_plan = plan.make(config, [plan.InputSizes((768, 1024),
+                                                ((768, 1024),))])
+  assert plan.check_memory(config, run_plan, limit_bytes=needed) == needed
   with pytest.raises(config_lib.ConfigError) as error:
-    memory.check_fits(config, 768, 1024, [(768, 1024)],
-                      limit_bytes=needed - 1)
+    plan.check_memory(config, run_plan, limit_bytes=needed - 1)
   message = str(error.value)
   assert message.startswith("--max_size: a 768x1024 px run (--max_size=1024)"
                             f" needs about {needed / memory.GIB:.1f} GiB")
   unchecked = config_lib.replace(config, check_memory=False)
-  assert memory.check_fits(unchecked, 768, 1024, [(768, 1024)],
-                           limit_bytes=1) == needed
+  assert plan.check_memory(unchecked, run_plan, limit_bytes=1) == needed
   available, where = memory.available_bytes()
   if sys.platform.startswith("linux"):
     assert available > 0 and where != "unknown"
@@ -390,10 +401,12 @@ def test_on_an_accelerator_its_memory_is_the_limit(monkeypatch):
 
   monkeypatch.setattr(memory.jax, "devices", lambda: [FakeGpu()])
   assert memory.available_bytes() == (2 * memory.GIB, "memory of gpu 0")
-  config = config_lib.Config(content_image="c.png", style_image=("s.png",))
+  config = config_lib.Config(content_image="c.png", style_image=("s.png",),
+                             max_size=1024)
   with pytest.raises(config_lib.ConfigError,
                      match=r"2\.0 GiB is available \(memory of gpu 0\)"):
-    memory.check_fits(config, 1024, 1024, [(1024, 1024)])
+    plan.check_memory(config, plan.make(config, [plan.InputSizes(
+        (1024, 1024), ((1024, 1024),))]))
 
 
 # ----------------------------------------------------------------------------
@@ -424,9 +437,9 @@ def test_failed_write_leaves_the_previous_result(files, random_vgg19,
   assert pathlib.Path(previous).read_bytes() == before
   assert not [p.name for p in workdir.iterdir() if p.name.endswith(".tmp")]
   # The workdir records the resolved flags and the versions.
-  flag_lines = (workdir / synthesize.FLAGS_NAME).read_text().splitlines()
+  flag_lines = (workdir / workdir_lib.FLAGS_NAME).read_text().splitlines()
   assert "--max_size=32" in flag_lines and "--mrf_layers=relu2_1" in flag_lines
-  versions = json.loads((workdir / synthesize.VERSIONS_NAME).read_text())
+  versions = json.loads((workdir / workdir_lib.VERSIONS_NAME).read_text())
   assert {"python", "jax", "jaxlib", "flax", "numpy", "cnnmrf_jax"} <= set(
       versions)
 
@@ -435,17 +448,17 @@ def test_existing_result_or_unfinished_run_is_kept(files, tmp_path, capsys):
   workdir = tmp_path / "run"
   workdir.mkdir()
   argv = _base(files, workdir) + [f"--weights={files['weights']}"]
-  (workdir / synthesize.RESULT_NAME).write_bytes(b"precious")
+  (workdir / workdir_lib.RESULT_NAME).write_bytes(b"precious")
   code, lines = _cli(argv, capsys)
   assert code == 2
-  assert lines == [f"error: --workdir: {workdir / synthesize.RESULT_NAME} "
+  assert lines == [f"error: --workdir: {workdir / workdir_lib.RESULT_NAME} "
                    "exists; pass --overwrite to replace it or choose another "
                    "--workdir"]
-  (workdir / synthesize.RESULT_NAME).unlink()
-  (workdir / synthesize.CHECKPOINT_NAME).write_bytes(b"unfinished")
+  (workdir / workdir_lib.RESULT_NAME).unlink()
+  (workdir / workdir_lib.CHECKPOINT_NAME).write_bytes(b"unfinished")
   code, lines = _cli(argv, capsys)
   assert code == 2 and "holds an unfinished run; pass --resume" in lines[0]
-  assert (workdir / synthesize.CHECKPOINT_NAME).read_bytes() == b"unfinished"
+  assert (workdir / workdir_lib.CHECKPOINT_NAME).read_bytes() == b"unfinished"
 
 
 # ----------------------------------------------------------------------------
@@ -504,7 +517,7 @@ def _kill_after_first_checkpoint(command, env, workdir, log_path, signum):
     finally:
       signal.signal(signal.SIGINT, saved)
     deadline = time.monotonic() + 300
-    while not (workdir / synthesize.CHECKPOINT_NAME).exists():
+    while not (workdir / workdir_lib.CHECKPOINT_NAME).exists():
       assert proc.poll() is None, log_path.read_text()
       assert time.monotonic() < deadline, "no checkpoint after 300 s"
       time.sleep(0.005)
@@ -515,7 +528,7 @@ def _kill_after_first_checkpoint(command, env, workdir, log_path, signum):
 
 def _losses(workdir):
   return [(r["level"], r["iter"], r["loss"]) for r in map(
-      json.loads, (workdir / synthesize.LOG_NAME).read_text().splitlines())]
+      json.loads, (workdir / workdir_lib.LOG_NAME).read_text().splitlines())]
 
 
 @pytest.fixture(scope="module")
@@ -540,8 +553,8 @@ def test_sigterm_then_resume_gives_the_same_image(files, straight_run,
   assert code == 130, log
   assert ("interrupted: the current image (interrupted.png) and a "
           f"checkpoint are in {workdir}; run again with --resume") in log
-  assert _pixels(workdir / synthesize.CURRENT_NAME).shape == (14, 16, 3)
-  with np.load(workdir / synthesize.CHECKPOINT_NAME) as checkpoint:
+  assert _pixels(workdir / workdir_lib.CURRENT_NAME).shape == (14, 16, 3)
+  with np.load(workdir / workdir_lib.CHECKPOINT_NAME) as checkpoint:
     meta = json.loads(checkpoint["meta"].tobytes().decode())
   assert meta["level"] == 0 and 1 <= meta["iteration"] < 150, meta
 
@@ -561,11 +574,11 @@ def test_sigterm_then_resume_gives_the_same_image(files, straight_run,
   assert f"resuming level 1 at iteration {meta['iteration']}" in log
   # Bit for bit: the checkpoint holds the exact float32 image and optimiser
   # state, and the same program runs on the same inputs from there.
-  np.testing.assert_array_equal(_pixels(workdir / synthesize.RESULT_NAME),
-                                _pixels(reference / synthesize.RESULT_NAME))
+  np.testing.assert_array_equal(_pixels(workdir / workdir_lib.RESULT_NAME),
+                                _pixels(reference / workdir_lib.RESULT_NAME))
   assert _losses(workdir) == _losses(reference)  # no iteration lost or redone
-  assert not (workdir / synthesize.CHECKPOINT_NAME).exists()
-  assert not (workdir / synthesize.CURRENT_NAME).exists()
+  assert not (workdir / workdir_lib.CHECKPOINT_NAME).exists()
+  assert not (workdir / workdir_lib.CURRENT_NAME).exists()
 
 
 def test_interrupt_between_levels_resumes_from_the_level_checkpoint(
@@ -573,35 +586,35 @@ def test_interrupt_between_levels_resumes_from_the_level_checkpoint(
   reference, _, _ = straight_run
   workdir = tmp_path / "run"
   argv = _command(files, workdir)[3:]
-  level_targets = synthesize.Synthesizer.level_targets
+  level_targets = targets_lib.level_targets
   calls = []
 
   def interrupted_at(level):
-    def targets(self, *args, **kwargs):
+    def targets(*args, **kwargs):
       calls.append(1)
       if len(calls) == level:  # Ctrl-C while building this level's targets
         raise KeyboardInterrupt
-      return level_targets(self, *args, **kwargs)
+      return level_targets(*args, **kwargs)
     return targets
 
-  monkeypatch.setattr(synthesize.Synthesizer, "level_targets",
+  monkeypatch.setattr(targets_lib, "level_targets",
                       interrupted_at(1))
   code, lines = _cli(argv, capsys)
   assert code == 130
   assert lines == ["interrupted before the first checkpoint; nothing to "
                    "resume"]
   calls.clear()
-  monkeypatch.setattr(synthesize.Synthesizer, "level_targets",
+  monkeypatch.setattr(targets_lib, "level_targets",
                       interrupted_at(2))
   code, lines = _cli(argv, capsys)
   assert code == 130
   assert lines == ["interrupted: run again with --resume to continue from "
                    f"the last checkpoint in {workdir}"]
-  monkeypatch.setattr(synthesize.Synthesizer, "level_targets", level_targets)
+  monkeypatch.setattr(targets_lib, "level_targets", level_targets)
   code, lines = _cli(argv + ["--resume"], capsys)
   assert code == 0, lines
-  np.testing.assert_array_equal(_pixels(workdir / synthesize.RESULT_NAME),
-                                _pixels(reference / synthesize.RESULT_NAME))
+  np.testing.assert_array_equal(_pixels(workdir / workdir_lib.RESULT_NAME),
+                                _pixels(reference / workdir_lib.RESULT_NAME))
   assert _losses(workdir) == _losses(reference)
 
 
@@ -614,9 +627,9 @@ def test_ctrl_c_saves_the_current_image(files, straight_run, tmp_path):
                                            signal.SIGINT)
   assert code == 130, log
   assert "interrupted: the current image (interrupted.png)" in log
-  image = _pixels(workdir / synthesize.CURRENT_NAME)
+  image = _pixels(workdir / workdir_lib.CURRENT_NAME)
   assert image.shape == (14, 16, 3) and image.std() > 0
-  assert (workdir / synthesize.CHECKPOINT_NAME).exists()
+  assert (workdir / workdir_lib.CHECKPOINT_NAME).exists()
 
 
 def test_memory_estimate_is_close_to_the_measured_peak(files, straight_run):
@@ -625,7 +638,8 @@ def test_memory_estimate_is_close_to_the_measured_peak(files, straight_run):
       content_image=files["content"], style_image=(files["style"],),
       max_size=32, num_res=2, mrf_layers=("relu2_1",),
       content_layers=("relu2_1",))
-  estimate = synthesize.check_memory(config, synthesize.load_inputs(config))
+  estimate = plan.make(
+      config, synthesize.load_inputs(config).sizes()).memory_bytes
   # Tiny images: mostly the runtime and the weights. At 384 px and with 9
   # style copies the estimate was within 10 % too (memory.py).
   assert 0.67 < estimate / peak < 2.0, (estimate, peak)
@@ -647,8 +661,8 @@ def test_exploding_run_stops_with_the_last_finite_image(files, tmp_path,
       "error: level 1: the loss became non-finite at iteration 1; stopping "
       "with the image of iteration 0 (try a lower --learning_rate, "
       "--mrf_weight or --content_weight); that image is in "
-      f"{workdir / synthesize.RESULT_NAME}"]
-  image = _pixels(workdir / synthesize.RESULT_NAME)
+      f"{workdir / workdir_lib.RESULT_NAME}"]
+  image = _pixels(workdir / workdir_lib.RESULT_NAME)
   assert image.shape == (27, 32, 3) and image.std() > 0
   log = _losses(workdir)
   assert [r[1] for r in log] == [0] and np.isfinite(log[0][2]).all()
@@ -678,23 +692,22 @@ def test_non_finite_loss_or_gradient_keeps_the_image_before(
       content_image=files["content"], style_image=(files["style"],),
       max_size=32, num_res=1, num_iter=(6,), mrf_layers=("relu2_1",),
       content_layers=("relu2_1",), print_every=6)
-  synthesizer = synthesize.Synthesizer(config, *random_vgg19)
   inputs = synthesize.load_inputs(config)
-  # For reference, the same Synthesizer (no recompile) saving every image.
-  synthesizer.config = config_lib.replace(config, save_every=1)
-  synthesizer.run(inputs, tmp_path / "clean")
-  synthesizer.config = config
+  # For reference, the same run saving every image.
+  synthesize.Synthesizer(config_lib.replace(config, save_every=1),
+                         *random_vgg19).run(inputs, tmp_path / "clean")
+  synthesizer = synthesize.Synthesizer(config, *random_vgg19)
   # pylint: disable=protected-access
   synthesizer._update = _poison(synthesizer._update, field, at=5)
   # pylint: enable=protected-access
-  with pytest.raises(synthesize.NonFiniteError) as error:
+  with pytest.raises(solve.NonFiniteError) as error:
     synthesizer.run(inputs, tmp_path / "faulty")
   assert str(error.value).startswith(
       f"level 1: the {what} became non-finite at iteration 5; stopping with "
       "the image of iteration 4")
-  assert error.value.paths == [tmp_path / "faulty" / synthesize.RESULT_NAME]
+  assert error.value.paths == [tmp_path / "faulty" / workdir_lib.RESULT_NAME]
   # Written, finite, and exactly the image of iteration 4.
   np.testing.assert_array_equal(
-      _pixels(tmp_path / "faulty" / synthesize.RESULT_NAME),
+      _pixels(tmp_path / "faulty" / workdir_lib.RESULT_NAME),
       _pixels(tmp_path / "clean" / "iter_level1_0004.png"))
   assert [r[1] for r in _losses(tmp_path / "faulty")] == [0, 1, 2, 3, 4]

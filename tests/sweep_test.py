@@ -22,6 +22,7 @@ import pytest
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import sweep
 from cnnmrf_jax import synthesize
+from cnnmrf_jax import workdir as workdir_lib
 from cnnmrf_jax import weights
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -98,15 +99,15 @@ def test_two_tasks_cover_the_sweep_once_rerun_skips_failures_stay_local(
     ran_by = 0 if name in {o.name for o in first} else 1
     assert state["task"] == [ran_by, 2]
     if state["status"] == "done":
-      assert (root / name / synthesize.RESULT_NAME).is_file()
-      assert (root / name / synthesize.LOG_NAME).is_file()
+      assert (root / name / workdir_lib.RESULT_NAME).is_file()
+      assert (root / name / workdir_lib.LOG_NAME).is_file()
       assert np.isfinite(state["final"]["loss"])
     else:
       assert "missing.png" in state["error"]
 
   # The done points' flags.txt reproduces them through main.py's flags.
   flag_lines = (root / "content_weight=40__style_image=style" /
-                synthesize.FLAGS_NAME).read_text().split()
+                workdir_lib.FLAGS_NAME).read_text().split()
   assert "--content_weight=40.0" in flag_lines
 
   # A rerun (one task, as after a kill) skips what is done and retries the

@@ -10,6 +10,7 @@ import pytest
 from cnnmrf_jax import compile_cache
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import synthesize
+from cnnmrf_jax import workdir as workdir_lib
 
 
 def tiny_config(images, **changes):
@@ -38,7 +39,7 @@ def test_every_mode_runs_and_lowers_the_loss(mode, tiny_images, random_vgg19,
   synthesize.TRACE_COUNTS.clear()
   result = synthesize.run(config, str(tmp_path), params=random_vgg19[0],
                           convention=random_vgg19[1])
-  with Image.open(tmp_path / synthesize.RESULT_NAME) as image:
+  with Image.open(tmp_path / workdir_lib.RESULT_NAME) as image:
     # transfer/gatys: content 40x48 (HxW) fitted to 48 -> 40x48; texture:
     # style 44x40 fitted to 64 -> 64x59. PIL sizes are (W, H).
     expected = (59, 64) if mode == "texture" else (48, 40)
@@ -49,7 +50,7 @@ def test_every_mode_runs_and_lowers_the_loss(mode, tiny_images, random_vgg19,
   # Compiled once per level, not per iteration.
   assert synthesize.TRACE_COUNTS["update"] == config.num_res
   log = [json.loads(l) for l in
-         (tmp_path / synthesize.LOG_NAME).read_text().splitlines()]
+         (tmp_path / workdir_lib.LOG_NAME).read_text().splitlines()]
   assert len(log) == config.num_res * (4 + 1)
   assert {"loss", "tv", "seconds_per_iter"} <= set(log[-1])
   if mode != "gatys":
@@ -79,15 +80,15 @@ def test_several_styles_and_original_colors(tiny_images, random_vgg19):
 
 def test_existing_result_is_not_overwritten(tiny_images, random_vgg19,
                                             tmp_path):
-  (tmp_path / synthesize.RESULT_NAME).write_bytes(b"precious")
+  (tmp_path / workdir_lib.RESULT_NAME).write_bytes(b"precious")
   config = tiny_config(tiny_images, num_res=1, num_iter=(1,))
   with pytest.raises(FileExistsError, match="--overwrite"):
     synthesize.run(config, str(tmp_path), params=random_vgg19[0],
                    convention=random_vgg19[1])
-  assert (tmp_path / synthesize.RESULT_NAME).read_bytes() == b"precious"
+  assert (tmp_path / workdir_lib.RESULT_NAME).read_bytes() == b"precious"
   synthesize.run(config_lib.replace(config, overwrite=True), str(tmp_path),
                  params=random_vgg19[0], convention=random_vgg19[1])
-  assert (tmp_path / synthesize.RESULT_NAME).read_bytes() != b"precious"
+  assert (tmp_path / workdir_lib.RESULT_NAME).read_bytes() != b"precious"
 
 
 def test_matching_dtype_and_compilation_cache_options(tiny_images,
@@ -135,7 +136,7 @@ def test_real_weights_transfer_lowers_the_mrf_loss(tmp_path):
       # so the content term leads and MRF may rise for a while: the total
       # falls, which is what L-BFGS promises.
       assert mrf(records[-1]) < mrf(records[0]), (records[0], records[-1])
-  assert (tmp_path / synthesize.RESULT_NAME).exists()
+  assert (tmp_path / workdir_lib.RESULT_NAME).exists()
 
 
 @pytest.mark.real_weights

@@ -1,0 +1,308 @@
+"""The objective as a sum of named, registered terms.
+
+CNNMRF minimises (Li & Wand 2016, Eq. 1)
+
+    E(x) = E_s(Phi(x), Phi(x_s)) + a1 E_c(Phi(x), Phi(x_c)) + a2 Y(x)
+
+over the pixels x. Each summand is a `Term`: which configs it is part of,
+which VGG layers it reads from x, its per-pair weights, how its targets are
+built at a pyramid level (on the host, once per level), and its loss, a pure
+function of the image, the features, its own targets and its weights. The
+terms here are the MRF term (Eq. 2), the content term (Eq. 4), the Gram
+style term of Gatys et al. (the baseline) and the smoothness prior (Eq. 5).
+
+Adding a term is writing those functions and calling `register`; the pyramid
+driver, the target builder and the solve loop loop over `active_terms` and
+need no edit. `make_objective` builds, once, from a frozen config, the pure
+function the optimiser minimises.
+"""
+
+import collections
+import contextlib
+import dataclasses
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnmrf_jax import augment
+from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import image_io
+from cnnmrf_jax import losses
+from cnnmrf_jax import patches
+
+Scalars = Dict[str, jnp.ndarray]
+
+
+@dataclasses.dataclass
+class PairLevel:
+  """What a term's target builder sees: one pair at one pyramid level.
+
+  config: the pair's own config (a sweep's batch may differ per pair in
+    `batch.PER_PAIR_FIELDS`). level: the `plan.LevelPlan`. pair: the pair's
+    index. content: the content image resized to the level [h, w, 3] RGB in
+    [0, 1], or None. styles: the style images as read. extras: per-pair
+    inputs of terms beyond images (e.g. a video's previous frames).
+    features: rgb [H, W, 3] -> {layer: [h, w, c]} through the VGG. plan: the
+    whole `plan.Plan` (batch-wide sizes such as the padded bank size).
+  """
+  config: config_lib.Config
+  level: Any
+  pair: int
+  content: Optional[np.ndarray]
+  styles: Sequence[np.ndarray]
+  extras: Dict[str, Any]
+  features: Callable[[np.ndarray], Dict[str, jnp.ndarray]]
+  plan: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One named term of the objective.
+
+  name: the log's name; a loss's values are logged as NAME_KEY (NAME alone
+    for the key ''). active(config): whether the term is part of the run.
+  layers(config): the VGG layers its loss reads from the synthesis image.
+  weights(config): its per-pair weights, a pytree of float32 scalars passed
+    to the objective as arguments (pairs with other weights share one
+    compiled program). build(pair_level): its targets for one pair at one
+    level, a pytree of arrays of the same shapes for every pair of a batch.
+  loss(config, x, features, targets, weights) -> (values, stats): x
+    [H, W, 3] the preprocessed image, features {layer: [h, w, c]} float32;
+    values {key: scalar} summed into the objective, stats {name: scalar}
+    logged only.
+  """
+  name: str
+  active: Callable[[config_lib.Config], bool]
+  layers: Callable[[config_lib.Config], Sequence[str]]
+  weights: Callable[[config_lib.Config], Any]
+  build: Callable[[PairLevel], Any]
+  loss: Callable[..., Tuple[Scalars, Scalars]]
+
+
+_REGISTRY: Dict[str, Term] = {}
+
+
+def register(term: Term) -> Term:
+  """Adds a term to every objective built from now on (in this order)."""
+  if term.name in _REGISTRY or term.name == "weights":
+    raise ValueError(f"a term named {term.name!r} is already registered")
+  _REGISTRY[term.name] = term
+  return term
+
+
+def unregister(name: str) -> None:
+  del _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def registered(term: Term) -> Iterator[Term]:
+  """`register` for the duration of a with block (tests, notebooks)."""
+  register(term)
+  try:
+    yield term
+  finally:
+    unregister(term.name)
+
+
+def active_terms(config: config_lib.Config) -> List[Term]:
+  return [t for t in _REGISTRY.values() if t.active(config)]
+
+
+def feature_layers(config: config_lib.Config) -> Tuple[str, ...]:
+  """Every VGG layer the objective reads, sorted."""
+  return tuple(sorted({l for t in active_terms(config)
+                       for l in t.layers(config)}))
+
+
+def loss_weights(config: config_lib.Config) -> Dict[str, Any]:
+  """One pair's weights of every active term, {term name: pytree}."""
+  return {t.name: t.weights(config) for t in active_terms(config)}
+
+
+def make_objective(config: config_lib.Config, model: Any):
+  """The objective of one pair, built once from a frozen config.
+
+  Returns objective(x, params, targets) -> (loss, aux): x [H, W, 3]
+  preprocessed; targets {term name: its targets, 'weights': {term name: its
+  weights}}; aux = {'terms': {name: scalar}, 'stats': {name: scalar}}. The
+  terms are summed in registration order.
+  """
+  terms = active_terms(config)
+  layers = feature_layers(config)
+
+  def objective(x, params, targets):
+    features = float32(model.apply({"params": params}, x[None],
+                                   outputs=layers))
+    features = {k: v[0] for k, v in features.items()}
+    values, stats = {}, {}
+    for term in terms:
+      term_values, term_stats = term.loss(
+          config, x, features, targets[term.name],
+          targets["weights"][term.name])
+      for key, value in term_values.items():
+        values[f"{term.name}_{key}" if key else term.name] = value
+      stats.update(term_stats)
+    total = sum(values.values())
+    return total, {"terms": values, "stats": stats}
+
+  return objective
+
+
+def float32(features):
+  """Losses and targets stay float32 whatever --dtype the VGG runs in."""
+  return jax.tree.map(lambda f: f.astype(jnp.float32), features)
+
+
+def _scalar(value: float) -> np.ndarray:
+  return np.float32(value)
+
+
+# ----------------------------------------------------------------------------
+# The MRF term (Li & Wand 2016, Eq. 2).
+
+
+def _mrf_active(config):
+  return config.mode in ("transfer", "texture")
+
+
+def _mrf_weights(config):
+  return {layer: _scalar(w) for layer, w in zip(
+      config.mrf_layers, config.mrf_weights_per_layer())}
+
+
+def _pad_bank(bank: patches.PatchBank, size: int) -> patches.PatchBank:
+  """The bank with rows appended up to `size` that are never matched
+  (valid False), so pairs whose styles differ in size share one batch."""
+  missing = size - bank.patches.shape[0]
+  if missing == 0:
+    return bank
+  return patches.PatchBank(
+      patches=jnp.pad(bank.patches, ((0, missing), (0, 0))),
+      inv_norms=jnp.pad(bank.inv_norms, (0, missing)),
+      valid=jnp.pad(bank.valid, (0, missing)))
+
+
+def _mrf_build(pair: PairLevel):
+  """{layer: PatchBank} of every copy of every style image at this level."""
+  config = pair.config
+  maps = collections.defaultdict(list)
+  planned = pair.level.copies[pair.pair]
+  made = []
+  for style, size in zip(pair.styles, pair.level.styles[pair.pair]):
+    resized = np.asarray(image_io.resize(style, *size, method="torch"))
+    copies = augment.augment_style(resized,
+                                   num_rotations=config.num_rotations,
+                                   num_scales=config.num_scales)
+    made += copies
+    for copy in copies:
+      copy_features = pair.features(copy)
+      for layer in config.mrf_layers:
+        maps[layer].append(copy_features[layer])
+  augment.check_copy_sizes(made, planned)
+  sizes = {m.layer: m.bank_size for m in pair.level.mrf}
+  return {layer: _pad_bank(patches.build_bank(
+      maps[layer], patch_size=config.patch_size,
+      stride=config.style_stride), sizes[layer])
+          for layer in config.mrf_layers}
+
+
+def chunk_kwargs(config) -> Dict[str, Any]:
+  """How the matching runs (patches.match_map), products in --dtype."""
+  kwargs = {"chunk_size": config.chunk_size} if config.chunk_size else {}
+  kwargs.update(matching=config.matching,
+                compute_dtype=None if config.dtype == "float32"
+                else config.dtype)
+  return kwargs
+
+
+def _mrf_loss(config, x, features, banks, weights):
+  del x
+  values, stats = {}, {}
+  for layer, bank in banks.items():
+    value, layer_stats = losses.mrf_loss(
+        features[layer], bank, weight=weights[layer],
+        patch_size=config.patch_size, stride=config.synth_stride,
+        threshold=config.confidence_threshold, **chunk_kwargs(config))
+    values[layer] = value
+    for name, stat in layer_stats.items():
+      stats[f"{name}_{layer}"] = stat
+  return values, stats
+
+
+MRF = register(Term(
+    name="mrf", active=_mrf_active, layers=lambda c: c.mrf_layers,
+    weights=_mrf_weights, build=_mrf_build, loss=_mrf_loss))
+
+
+# ----------------------------------------------------------------------------
+# The content term (Eq. 4).
+
+
+def _content_active(config):
+  return config.mode in ("transfer", "gatys") and config.content_weight > 0
+
+
+def _content_build(pair: PairLevel):
+  features = pair.features(np.asarray(pair.content))
+  return {layer: features[layer] for layer in pair.config.content_layers}
+
+
+def _content_loss(config, x, features, targets, weight):
+  del config, x
+  return {layer: losses.content_loss(features[layer], target, weight=weight)
+          for layer, target in targets.items()}, {}
+
+
+CONTENT = register(Term(
+    name="content", active=_content_active,
+    layers=lambda c: c.content_layers,
+    weights=lambda c: _scalar(c.content_weight), build=_content_build,
+    loss=_content_loss))
+
+
+# ----------------------------------------------------------------------------
+# The Gram style term of Gatys et al. (the baseline).
+
+
+def _gram_build(pair: PairLevel):
+  config = pair.config
+  grams = collections.defaultdict(list)
+  for style, size in zip(pair.styles, pair.level.styles[pair.pair]):
+    resized = np.asarray(image_io.resize(style, *size, method="torch"))
+    style_features = pair.features(resized)
+    for layer in config.style_layers:
+      grams[layer].append(losses.gram_matrix(style_features[layer]))
+  blend = config.blend_weights()
+  return {layer: losses.blend_grams(grams[layer], blend)
+          for layer in config.style_layers}
+
+
+def _gram_loss(config, x, features, targets, weight):
+  del config, x
+  return {layer: losses.gram_loss(features[layer], target, weight=weight)
+          for layer, target in targets.items()}, {}
+
+
+GRAM = register(Term(
+    name="gram", active=lambda c: c.mode == "gatys",
+    layers=lambda c: c.style_layers,
+    weights=lambda c: _scalar(c.style_weight / max(1, len(c.style_layers))),
+    build=_gram_build, loss=_gram_loss))
+
+
+# ----------------------------------------------------------------------------
+# The smoothness prior (Eq. 5).
+
+
+def _tv_loss(config, x, features, targets, weight):
+  del config, features, targets
+  return {"": losses.tv_loss(x, weight=weight)}, {}
+
+
+TV = register(Term(
+    name="tv", active=lambda c: c.tv_weight > 0, layers=lambda c: (),
+    weights=lambda c: _scalar(c.tv_weight), build=lambda pair: {},
+    loss=_tv_loss))

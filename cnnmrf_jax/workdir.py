@@ -1,0 +1,198 @@
+"""The workdir of a run: the files that reproduce, log and resume it.
+
+    WORKDIR/result.png      the result (result_{n}.png for --pairs)
+    WORKDIR/log.jsonl       one record per iteration: every loss term, the
+                            matching statistics, seconds per iteration
+    WORKDIR/flags.txt       the resolved flags (--flagfile reproduces the run)
+    WORKDIR/plan.json       every size of the run (plan.py)
+    WORKDIR/versions.json   the software that made it
+    WORKDIR/checkpoint.npz  the position of an unfinished run (--resume)
+    WORKDIR/interrupted.png the image when a run was interrupted
+
+`Writer` writes all of them, each atomically (fileio.py), refuses to replace
+a result without --overwrite, and reads a checkpoint back for --resume,
+checking that it was written by a run of the same flags.
+"""
+
+import dataclasses
+import importlib.metadata
+import json
+import pathlib
+import platform
+import sys
+from typing import Any, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cnnmrf_jax
+from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import fileio
+from cnnmrf_jax import image_io
+
+RESULT_NAME = "result.png"
+LOG_NAME = "log.jsonl"
+FLAGS_NAME = "flags.txt"
+PLAN_NAME = "plan.json"
+VERSIONS_NAME = "versions.json"
+CHECKPOINT_NAME = "checkpoint.npz"
+CURRENT_NAME = "interrupted.png"  # the image at Ctrl-C / SIGTERM
+
+
+def result_names(num_pairs: int) -> List[str]:
+  return ([RESULT_NAME] if num_pairs == 1 else
+          [f"result_{n}.png" for n in range(num_pairs)])
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A run's position: after `iteration` updates of level `level`.
+
+  x: [N, H, W, 3] preprocessed image; state_leaves: the optimiser state
+  flattened (restored onto the structure the solver's `state_like` gives);
+  history: every log record so far.
+  """
+  level: int
+  iteration: int
+  x: np.ndarray
+  state_leaves: List[np.ndarray]
+  history: List[Dict[str, Any]]
+
+  def restore_state(self, like):
+    leaves, treedef = jax.tree.flatten(like)
+    if len(leaves) != len(self.state_leaves) or any(
+        tuple(a.shape) != tuple(b.shape)
+        for a, b in zip(leaves, self.state_leaves)):
+      raise ValueError("--resume: the checkpoint's optimiser state does not "
+                       "fit this run (different --optimizer or sizes?)")
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(v, a.dtype)
+                  for v, a in zip(self.state_leaves, leaves)])
+
+
+class Writer:
+  """Writes the workdir: flags, versions, log, intermediates, results and
+  checkpoints, every file atomically."""
+
+  def __init__(self, workdir: pathlib.Path, config: config_lib.Config,
+               names: Sequence[str]):
+    self.workdir = pathlib.Path(workdir)
+    self.config = config
+    self.names = list(names)
+    if self.workdir.exists() and not self.workdir.is_dir():
+      raise config_lib.ConfigError(
+          f"--workdir: {self.workdir} is a file, not a directory; choose "
+          "another --workdir")
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, ...
+      raise config_lib.ConfigError(
+          f"--workdir: cannot create the directory {self.workdir} "
+          f"({e.strerror or e})") from None
+    if not config.overwrite:
+      for name in self.names:
+        if (self.workdir / name).exists():
+          raise fileio.ExistsError(
+              f"--workdir: {self.workdir / name} exists; pass --overwrite "
+              "to replace it or choose another --workdir")
+    if not (config.resume or config.overwrite) and (
+        self.workdir / CHECKPOINT_NAME).exists():
+      raise fileio.ExistsError(
+          f"--workdir: {self.workdir} holds an unfinished run; pass --resume "
+          "to continue it or --overwrite to start again")
+    self.flag_lines = config.to_flag_lines()
+    if not config.resume:
+      fileio.atomic_write_bytes(self.workdir / FLAGS_NAME,
+                                ("\n".join(self.flag_lines) + "\n").encode())
+    fileio.atomic_write_bytes(
+        self.workdir / VERSIONS_NAME,
+        json.dumps(software_versions(), indent=2).encode())
+    self.records: List[Dict[str, Any]] = []
+
+  def write_plan(self, plan_json: str):
+    fileio.atomic_write_bytes(self.workdir / PLAN_NAME, plan_json.encode())
+
+  def write_log(self):
+    text = "".join(json.dumps(r) + "\n" for r in self.records)
+    fileio.atomic_write_bytes(self.workdir / LOG_NAME, text.encode())
+
+  def save_image(self, name, rgb):
+    if len(self.names) == 1:
+      return [image_io.write_image(self.workdir / name, rgb[0],
+                                   mode=self.config.output_mode)]
+    stem, suffix = pathlib.Path(name).stem, pathlib.Path(name).suffix
+    return [image_io.write_image(self.workdir / f"{stem}_{n}{suffix}",
+                                 rgb[n], mode=self.config.output_mode)
+            for n in range(len(self.names))]
+
+  def block(self, records, rgb, level, iteration):
+    self.records += records
+    self.write_log()
+    every = self.config.save_every
+    if every and iteration % every == 0:
+      self.save_image(f"iter_level{level + 1}_{iteration:04d}.png", rgb)
+
+  def save_checkpoint(self, level, iteration, x, state):
+    leaves = jax.device_get(jax.tree.leaves(state))
+    arrays = {f"state_{i:03d}": np.asarray(v) for i, v in enumerate(leaves)}
+    meta = {"level": level, "iteration": iteration,
+            "flags": self.flag_lines, "history": self.records}
+    def write(f):
+      np.savez(f, x=np.asarray(jax.device_get(x)),
+               meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+               **arrays)
+    fileio.atomic_write(self.workdir / CHECKPOINT_NAME, write)
+
+  def load_checkpoint(self) -> Checkpoint:
+    path = self.workdir / CHECKPOINT_NAME
+    if not path.exists():
+      raise config_lib.ConfigError(
+          f"--resume: no checkpoint in {self.workdir} to resume from")
+    try:
+      with np.load(path) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        x = data["x"]
+        leaves = [data[k] for k in sorted(data.files)
+                  if k.startswith("state_")]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"--resume: cannot read the checkpoint {path}: "
+                       f"{e}") from None
+    ignored = ("--print_every", "--save_every", "--checkpoint_every")
+    keep = lambda lines: [l for l in lines if not l.startswith(ignored)]
+    if keep(meta["flags"]) != keep(self.flag_lines):
+      changed = sorted(set(keep(self.flag_lines)) ^ set(keep(meta["flags"])))
+      raise config_lib.ConfigError(
+          f"--resume: the flags differ from the checkpointed run's in "
+          f"{changed}; resume with the same flags (--flagfile="
+          f"{self.workdir / FLAGS_NAME})")
+    self.records = list(meta["history"])
+    return Checkpoint(meta["level"], meta["iteration"], x, leaves,
+                      meta["history"])
+
+  def final(self, rgb) -> List[pathlib.Path]:
+    self.write_log()
+    paths = []
+    for n, name in enumerate(self.names):
+      paths.append(image_io.write_image(self.workdir / name, rgb[n],
+                                        mode=self.config.output_mode))
+    for name in (CHECKPOINT_NAME, CURRENT_NAME):
+      if (self.workdir / name).exists():
+        (self.workdir / name).unlink()
+    return paths
+
+
+def software_versions() -> Dict[str, str]:
+  """Versions of everything that shapes a result, for the workdir."""
+  versions = {"python": sys.version.split()[0],
+              "platform": platform.platform(),
+              "backend": jax.default_backend(),
+              "devices": ", ".join(str(d) for d in jax.devices())}
+  for package in ("cnnmrf_jax", "jax", "jaxlib", "flax", "optax", "jaxopt",
+                  "numpy", "pillow"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = "not installed"
+  versions["cnnmrf_jax"] = cnnmrf_jax.__version__
+  return versions

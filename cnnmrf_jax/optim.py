@@ -205,7 +205,8 @@ def make(name: str, fun: Objective, *, history_size: int = 25,
          learning_rate: float = 1.0):
   """Returns the optimiser called `name` ('lbfgs', 'optax_lbfgs', 'adam').
 
-  lbfgs: jaxopt L-BFGS, fixed step `learning_rate` (the reference: 1).
+  lbfgs: jaxopt L-BFGS with torch optim.lbfgs's rules (`JaxoptLBFGS`),
+    fixed step `learning_rate` (the reference: 1).
   optax_lbfgs: optax.lbfgs without line search, the same fixed step.
   adam: optax.adam(learning_rate); pixels live in the Caffe 0-255 scale, so
     useful rates are around 1-10.

@@ -1,4 +1,5 @@
-"""Reading, writing and resizing images; colour transfer; contact sheets.
+"""Reading, writing and resizing images; colour transfer; contact sheets;
+a check for a flat result.
 
 Images inside the library are float arrays in [0, 1], RGB, `[H, W, 3]`
 (batched `[N, H, W, 3]` where stated). Reading and writing are host-side
@@ -643,3 +644,48 @@ def contact_sheet(images: Sequence[Array], labels: Sequence[str], *,
       draw.text((text_x, y0 + cell + 2 + j * line_height - top), text,
                 fill="black", font=font)
   return np.asarray(sheet, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Checks on a result.
+
+# A result's channels spanning less than one 8-bit level look like one
+# colour: the min-max stretch of "stretch" output then magnifies whatever
+# variation there is (the start noise, a colour cast) to the full range.
+FLAT_SPREAD = 1.0 / 255.0
+
+
+def flat_image_warning(rgb: Array, *, flag_hint: str) -> Optional[str]:
+  """A one-line warning if `rgb` is (nearly) one flat colour, else None.
+
+  rgb: the synthesised image, [H, W, 3] float in [0, 1] (uint8 is read as
+    v / 255), BEFORE the output's min-max stretch: the stretch turns a flat
+    image into a saturated colour or magnified noise that no longer looks
+    flat.
+  flag_hint: what to change, naming flags (e.g. '--num_iter=100'); it ends
+    the warning after 'try '.
+
+  Nearly flat: in every channel the pixels between the 1st and 99th
+  percentile lie within FLAT_SPREAD (one 8-bit level) of each other.
+  Percentiles, not the min and max or the standard deviation, so that a few
+  stray pixels (a bright border pixel) do not hide a flat image.
+  Raises ValueError for an image not [H, W, 3] or with non-finite values.
+  """
+  x = np.asarray(rgb)
+  if x.ndim != 3 or x.shape[-1] != 3 or 0 in x.shape:
+    raise ValueError(f"image has shape {x.shape}; expected [H, W, 3] with "
+                     "H, W > 0")
+  x = x / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+  if not np.isfinite(x).all():
+    raise ValueError("image has NaN or infinite values")
+  pixels = x.reshape(-1, 3)
+  low, high = np.percentile(pixels, [1.0, 99.0], axis=0)  # each [3]
+  spread = float(np.max(high - low))
+  if spread >= FLAT_SPREAD:
+    return None
+  colour = ", ".join(f"{c:.3f}" for c in np.median(pixels, axis=0))
+  hint = " ".join(str(flag_hint).split())  # one line
+  return (f"the result is nearly one flat colour (RGB {colour}; its channels "
+          f"span {spread:.2g} of the 0-1 range, under one 8-bit level, and "
+          "a stretched output magnifies that into a solid colour or noise): "
+          f"the synthesis made no progress; try {hint}")

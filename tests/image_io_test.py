@@ -13,6 +13,7 @@ import pytest
 
 from cnnmrf_jax import fileio
 from cnnmrf_jax import image_io
+from cnnmrf_jax import vgg
 
 
 def _rgb_blocks(height=32, width=48):
@@ -532,3 +533,56 @@ def test_contact_sheet():
   assert default.shape[1] == 2 * (32 + 4) + 4
   with pytest.raises(ValueError):
     image_io.contact_sheet(images, labels[:2])
+
+
+# ----------------------------------------------------------------------------
+# flat_image_warning.
+
+HINT = "--num_iter=100 at the coarsest level"
+
+
+def test_flat_warning_on_the_stalled_noise_start():
+  """The stalled texture run: noise of std 1e-3 in the Caffe 0-255 space
+  around the mean colour, which the stretch would turn into (255, 166, 0)."""
+  noise = 1e-3 * jax.random.normal(jax.random.key(0), (64, 64, 3))
+  rgb = np.asarray(vgg.deprocess(noise, "caffe"))
+  warning = image_io.flat_image_warning(rgb, flag_hint=HINT)
+  assert warning is not None and "flat colour" in warning
+  assert warning.endswith("try " + HINT) and "\n" not in warning
+  np.testing.assert_array_equal(
+      np.unique(image_io.to_uint8(rgb).reshape(-1, 3), axis=0),
+      [[255, 166, 0]])
+
+
+def test_flat_warning_ignores_a_few_stray_pixels():
+  rgb = np.full((64, 64, 3), 0.3)
+  rgb[0, :5] = 1.0  # 5 of 4096 pixels
+  assert image_io.flat_image_warning(rgb, flag_hint=HINT) is not None
+
+
+@pytest.mark.parametrize("amplitude", [2.0 / 255, 0.2])
+def test_no_flat_warning_for_structure_in_one_channel(amplitude):
+  """A low-contrast image (two 8-bit levels in blue only) is not flat."""
+  rgb = np.full((32, 48, 3), 0.5)
+  rgb[..., 2] += amplitude * np.sin(np.arange(48) / 3.0)
+  assert image_io.flat_image_warning(rgb, flag_hint=HINT) is None
+
+
+def test_flat_warning_threshold_is_one_level():
+  ramp = np.linspace(0.0, 1.0, 32 * 32).reshape(32, 32, 1)
+  steps = 0.5 + np.repeat(ramp, 3, axis=-1)  # spread ~0.98 * span
+  assert image_io.flat_image_warning(
+      0.5 * steps / 255.0, flag_hint=HINT) is not None
+  assert image_io.flat_image_warning(
+      1.5 * steps / 255.0, flag_hint=HINT) is None
+  uint8 = np.full((8, 8, 3), 128, np.uint8)  # read as v / 255
+  assert image_io.flat_image_warning(uint8, flag_hint=HINT) is not None
+  uint8[::2, :, 0] = 140
+  assert image_io.flat_image_warning(uint8, flag_hint=HINT) is None
+
+
+def test_flat_warning_rejects_bad_images():
+  with pytest.raises(ValueError, match="shape"):
+    image_io.flat_image_warning(np.zeros((8, 8)), flag_hint=HINT)
+  with pytest.raises(ValueError, match="NaN"):
+    image_io.flat_image_warning(np.full((8, 8, 3), np.nan), flag_hint=HINT)

@@ -256,8 +256,18 @@ def synthesize(synthesizer: Synthesizer, inputs: Inputs,
     contents = np.stack([np.asarray(image_io.resize(
         c, *run_plan.output_size, method="torch")) for c in inputs.contents])
     rgb = np.asarray(image_io.match_luminance(rgb, contents))
+  for n, image in enumerate(rgb):
+    warning = image_io.flat_image_warning(image, flag_hint=_FLAT_HINT)
+    if warning:
+      logging.warning("%s%s", f"pair {n}: " if num_pairs > 1 else "",
+                      warning)
   paths = writer.final(rgb) if writer is not None else []
   return Result(images=rgb, history=history, paths=paths)
+
+
+_FLAT_HINT = ("more --num_iter (at the coarsest level above all), a larger "
+              "--init_noise_std, or --output_mode=clip to see the image "
+              "unstretched")
 
 
 def _block_writer(writer, synthesizer, level):

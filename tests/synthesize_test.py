@@ -152,3 +152,14 @@ def test_real_weights_texture_lowers_the_mrf_loss_at_every_level():
     records = [r for r in result.history if r["level"] == level]
     assert mrf(records[-1]) < mrf(records[0]), (level, records[0],
                                                 records[-1])
+
+
+def test_a_flat_result_is_reported(tiny_images, random_vgg19, caplog):
+  # No iteration from the 1e-3 noise: the result is the mean colour.
+  config = tiny_config(tiny_images, mode="texture", max_size=64,
+                       mrf_layers=("relu3_1",), num_iter=(0,))
+  with caplog.at_level("WARNING"):
+    synthesize.run(config, params=random_vgg19[0],
+                   convention=random_vgg19[1])
+  assert any("nearly one flat colour" in r.getMessage() and "--num_iter" in
+             r.getMessage() for r in caplog.records)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from cnnmrf_jax import conv as conv_lib
+
 # Convolutions per block and channels per block.
 _BLOCKS = {
     "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
@@ -169,6 +171,27 @@ def pool2x2_ceil(x: jnp.ndarray, kind: str = "max") -> jnp.ndarray:
                    f"{POOLINGS}")
 
 
+class _Conv3x3(nn.Module):
+  """A 3x3 stride-1 pad-1 convolution computed by conv.conv3x3(method).
+
+  Parameters as nn.Conv names and shapes them ('kernel' [3, 3, C_in,
+  C_out], 'bias' [C_out]), so weights load the same for every method. The
+  'matmul' and 'winograd' methods give the kernel no gradient.
+  """
+  features: int
+  method: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    return conv_lib.conv3x3(x, kernel.astype(self.dtype),
+                            bias.astype(self.dtype), method=self.method)
+
+
 class VGG(nn.Module):
   """VGG19 / VGG16 convolutional trunk returning named features.
 
@@ -176,10 +199,15 @@ class VGG(nn.Module):
     network: 'vgg19' or 'vgg16'.
     pooling: 'max' (Caffe ceil mode, the reference) or 'avg'.
     dtype: computation dtype (float32; bfloat16 on accelerators).
+    conv: how the 3x3 convolutions run, one of conv.CONVS: 'xla'
+      (flax's nn.Conv, lax.conv_general_dilated), 'matmul' or 'winograd'
+      (matmul forms with an input-only custom VJP: the weights get no
+      gradient), 'auto' (conv.resolve's pick for the backend).
   """
   network: str = "vgg19"
   pooling: str = "max"
   dtype: Any = jnp.float32
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, images: jnp.ndarray,
@@ -199,6 +227,7 @@ class VGG(nn.Module):
     if not outputs:
       raise ValueError("--outputs: no layers asked for")
     check_layers(outputs, self.network, flag="outputs")
+    conv_method = conv_lib.resolve(self.conv)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"VGG expects images of shape [N, H, W, 3], got "
                        f"{images.shape}")
@@ -209,8 +238,12 @@ class VGG(nn.Module):
     for name in names[:deepest + 1]:
       if name.startswith("conv"):
         channels = conv_shapes(self.network)[name]["kernel"][-1]
-        x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
-                    dtype=self.dtype, name=name)(x)
+        if conv_method == "xla":
+          x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
+                      dtype=self.dtype, name=name)(x)
+        else:
+          x = _Conv3x3(channels, conv_method, dtype=self.dtype,
+                       name=name)(x)
       elif name.startswith("relu"):
         x = nn.relu(x)
       else:

@@ -3,8 +3,9 @@
 For each --sizes (square images, batch 1) it times, round-robin in one run:
 
   - ours: jit(value_and_grad) of the sum of relu4_2 (--layer) of
-    cnnmrf_jax.vgg.VGG with random weights (vgg.init_params), w.r.t. the
-    image only, once per --convs method ('xla', 'matmul', 'winograd');
+    cnnmrf_jax.vgg.VGG with random weights (vgg.init_params, the kernel
+    forms made once by vgg.prepare_params), w.r.t. the image only, once per
+    --convs method ('xla', 'matmul', 'winograd');
   - torch: the same VGG19 trunk written in PyTorch (benchmarks/
     _torch_worker.py: Conv2d 3x3 pad 1, ReLU, ceil-mode MaxPool2d, weights
     requires_grad=False, the input requires_grad=True, backward of the sum
@@ -123,7 +124,9 @@ class _TorchWorker:
 
 def _our_step(method: str, layer: str, size: int):
   """A zero-argument callable running one value-and-grad, compiled."""
-  params = jax.tree.map(jnp.asarray, vgg.init_params("vgg19"))
+  # The kernels' forms for `method` are made once, as a synthesis would.
+  params = vgg.prepare_params(
+      jax.tree.map(jnp.asarray, vgg.init_params("vgg19")), method)
   model = vgg.VGG(conv=method)
 
   def loss(params, image):

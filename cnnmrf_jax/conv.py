@@ -20,7 +20,13 @@ by one of `CONVS`:
     output transform folds each tile back to m x m pixels. F(4x4, 3x3)
     does 4x fewer multiplications than the direct form, F(2x2, 3x3) 2.25x
     with smaller rounding error (its transforms hold only 0, +-1, +-1/2).
+    In the VGG (`layer_method`) only the layers from 128 -> 256 channels
+    on run as Winograd, the shallow wide ones as 'xla'.
   - 'auto': `resolve` picks one of the above for the backend.
+
+The kernel's forms (flipped, Winograd-transformed) are made by
+`prepare_kernel`; computed once outside the optimisation loop
+(vgg.prepare_params) they are not re-made at every call.
 
 'matmul' and 'winograd' carry a custom VJP for the input only: the input
 gradient of a 3x3 stride-1 pad-1 convolution is the same convolution of the
@@ -46,10 +52,11 @@ WINOGRAD_TILES = (2, 4)
 # not depend on the machine's load (benchmarks/bench_peers.py measures the
 # methods against each other and against torch).
 CPU_AUTO = "winograd"
-# Fewer input channels than this: Winograd's per-frequency matmuls are too
-# thin ([tiles, 3] x [3, 64] for conv1_1) to pay for the transforms, so
-# 'winograd' falls back to 'matmul' (the same values up to rounding).
-_WINOGRAD_MIN_CHANNELS = 16
+# The layers layer_method runs as Winograd: from these channel counts on
+# (VGG's blocks 3 to 5) it measured faster than 'xla' on CPU, below them
+# slower (benchmarks/bench_peers.py).
+WINOGRAD_MIN_IN = 128
+WINOGRAD_MIN_OUT = 256
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -86,9 +93,54 @@ def flip_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
   return jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
 
 
+def layer_method(method: str, c_in: int, c_out: int,
+                 backend: str | None = None) -> str:
+  """The form a VGG layer with `c_in` -> `c_out` channels runs in.
+
+  `method` resolved for `backend`; 'winograd' keeps only layers with at
+  least WINOGRAD_MIN_IN input and WINOGRAD_MIN_OUT output channels (VGG's
+  conv3_1 on) and runs the others as 'xla': on the wide, shallow layers the
+  transforms of the large activations cost more memory traffic than the
+  multiplications they save, and the per-frequency matmuls are thin
+  ([tiles, 64] x [64, 64]).
+  """
+  method = resolve(method, backend)
+  if method == "winograd" and (c_in < WINOGRAD_MIN_IN or
+                               c_out < WINOGRAD_MIN_OUT):
+    return "xla"
+  return method
+
+
+def prepare_kernel(kernel: jnp.ndarray, method: str, winograd_tile: int = 4
+                   ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """(forward, backward) kernel forms of `method` for `kernel` [3, 3, C, O].
+
+  'matmul': the kernel and flip_kernel(kernel), [3, 3, C, O] and
+  [3, 3, O, C]. 'winograd': their Winograd transforms G g G^T,
+  [a * a, C, O] and [a * a, O, C], a = winograd_tile + 2. Computing them
+  once outside the optimisation loop and passing them to conv3x3(prepared=)
+  saves re-transforming the weights at every call. 'xla' needs none: ().
+  """
+  method = resolve(method)
+  if method == "xla":
+    return ()
+  _check_tile(winograd_tile)
+  flipped = flip_kernel(kernel)
+  if method == "matmul":
+    return kernel, flipped
+  return (_winograd_kernel(kernel, winograd_tile),
+          _winograd_kernel(flipped, winograd_tile))
+
+
+def _check_tile(winograd_tile: int) -> None:
+  if winograd_tile not in WINOGRAD_TILES:
+    raise ConvError(f"--winograd_tile: expected one of {WINOGRAD_TILES}, got "
+                    f"{winograd_tile}")
+
+
 def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
-            = None, *, method: str = "xla", winograd_tile: int = 4
-            ) -> jnp.ndarray:
+            = None, *, method: str = "xla", winograd_tile: int = 4,
+            prepared: Tuple[jnp.ndarray, ...] | None = None) -> jnp.ndarray:
   """3x3, stride 1, zero pad 1 convolution (+ bias), [N, H, W, C_in] ->
   [N, H, W, C_out].
 
@@ -99,15 +151,15 @@ def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
     bias: [C_out] or None.
     method: one of CONVS ('auto' is resolved for JAX's default backend).
     winograd_tile: m of F(m x m, 3 x 3) for 'winograd', 2 or 4.
+    prepared: prepare_kernel(kernel, method, winograd_tile), precomputed;
+      None computes it here.
   """
-  method = resolve(method)
   if x.ndim != 4 or kernel.shape[:2] != (3, 3) or (
       kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]):
     raise ConvError(f"conv3x3 expects x [N, H, W, C] and kernel [3, 3, C, "
                     f"C_out], got {x.shape} and {kernel.shape}")
-  if winograd_tile not in WINOGRAD_TILES:
-    raise ConvError(f"--winograd_tile: expected one of {WINOGRAD_TILES}, got "
-                    f"{winograd_tile}")
+  _check_tile(winograd_tile)
+  method = resolve(method)
   kernel = kernel.astype(x.dtype)
   if bias is None:
     bias = jnp.zeros(kernel.shape[-1:], x.dtype)
@@ -116,9 +168,10 @@ def conv3x3(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None
     return lax.conv_general_dilated(
         x, kernel, (1, 1), ((1, 1), (1, 1)),
         dimension_numbers=_DIMENSION_NUMBERS) + bias
-  if method == "winograd" and x.shape[-1] < _WINOGRAD_MIN_CHANNELS:
-    method = "matmul"
-  return _conv_input_vjp(x, kernel, bias, method, winograd_tile)
+  if prepared is None:
+    prepared = prepare_kernel(kernel, method, winograd_tile)
+  forward, backward = (k.astype(x.dtype) for k in prepared)
+  return _conv_input_vjp(x, forward, backward, bias, method, winograd_tile)
 
 
 # --- direct form as matmuls -------------------------------------------------
@@ -212,9 +265,10 @@ def _winograd_kernel(kernel: jnp.ndarray, m: int) -> jnp.ndarray:
                     for f in _combine(g, [r[j] for j in range(3)])])
 
 
-def _conv_winograd(x: jnp.ndarray, kernel: jnp.ndarray, m: int
+def _conv_winograd(x: jnp.ndarray, u: jnp.ndarray, m: int
                    ) -> jnp.ndarray:
-  """Winograd F(m x m, 3 x 3) of x [N, H, W, C] with kernel [3, 3, C, O].
+  """Winograd F(m x m, 3 x 3) of x [N, H, W, C] with the transformed kernel
+  u = _winograd_kernel(kernel, m), [(m + 2)^2, C, O].
 
   The output is computed in tiles_h x tiles_w tiles of m x m pixels; input
   tile (t, s) covers padded rows t m .. t m + m + 1 and columns s m ..
@@ -222,7 +276,7 @@ def _conv_winograd(x: jnp.ndarray, kernel: jnp.ndarray, m: int
   and columns and the output cropped back to H x W.
   """
   n, h, w, c = x.shape
-  o = kernel.shape[-1]
+  o = u.shape[-1]
   a = m + 2
   tiles_h, tiles_w = -(-h // m), -(-w // m)
   bt, _, at = _winograd_matrices(m)
@@ -231,19 +285,25 @@ def _conv_winograd(x: jnp.ndarray, kernel: jnp.ndarray, m: int
   # B^T d B, separably. Rows: element i of every tile row is the strided
   # slice padded[:, i::m] ([N, tiles_h, W_pad, C]).
   row_slices = [padded[:, i:i + m * tiles_h:m] for i in range(a)]
-  row_freq = _combine(bt, row_slices)                 # a x [N, Th, Wp, C]
+  # Each stage is materialised once (optimization_barrier): left to itself
+  # XLA:CPU fuses the first stage into each of the a x a consumers of the
+  # second, and the transforms into the matmul's operand, both slower.
+  row_freq = lax.optimization_barrier(
+      jnp.stack(_combine(bt, row_slices)))            # [a, N, Th, Wp, C]
   freq = []
-  for r in row_freq:
-    col_slices = [r[:, :, j:j + m * tiles_w:m] for j in range(a)]
+  for i in range(a):
+    col_slices = [row_freq[i, :, :, j:j + m * tiles_w:m] for j in range(a)]
     freq += _combine(bt, col_slices)                  # a x [N, Th, Tw, C]
-  v = jnp.stack(freq).reshape(a * a, n * tiles_h * tiles_w, c)
-  u = _winograd_kernel(kernel, m)                     # [a * a, C, O]
+  v = lax.optimization_barrier(
+      jnp.stack(freq).reshape(a * a, n * tiles_h * tiles_w, c))
   # One matmul per frequency, batched: [a a, P, C] x [a a, C, O].
   prod = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),
                          precision=lax.Precision.HIGHEST)
-  prod = prod.reshape(a, a, n, tiles_h, tiles_w, o)
+  prod = lax.optimization_barrier(
+      prod.reshape(a, a, n, tiles_h, tiles_w, o))
   # A^T M A: rows first (over the first frequency axis), then columns.
-  out_rows = _combine(at, [prod[i] for i in range(a)])  # m x [a, N, Th, Tw, O]
+  out_rows = lax.optimization_barrier(jnp.stack(
+      _combine(at, [prod[i] for i in range(a)])))      # [m, a, N, Th, Tw, O]
   out = jnp.stack([jnp.stack(_combine(at, [r[j] for j in range(a)]))
                    for r in out_rows])                 # [m, m, N, Th, Tw, O]
   out = jnp.transpose(out, (2, 3, 0, 4, 1, 5)).reshape(
@@ -251,35 +311,36 @@ def _conv_winograd(x: jnp.ndarray, kernel: jnp.ndarray, m: int
   return out[:, :h, :w]
 
 
-def _conv_forward(x, kernel, method, winograd_tile):
+def _conv_forward(x, kernel_form, method, winograd_tile):
   if method == "matmul":
-    return _conv_matmul(x, kernel)
+    return _conv_matmul(x, kernel_form)
   if method == "winograd":
-    return _conv_winograd(x, kernel, winograd_tile)
+    return _conv_winograd(x, kernel_form, winograd_tile)
   raise ConvError(f"--conv: no custom-VJP form for {method!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv_input_vjp(x, kernel, bias, method, winograd_tile):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_input_vjp(x, forward, backward, bias, method, winograd_tile):
   """3x3 pad-1 convolution plus bias whose VJP is the flipped-kernel
-  convolution for x and zero for the kernel and bias (never differentiate
-  them here)."""
-  return _conv_forward(x, kernel, method, winograd_tile) + bias
+  convolution for x and zero for the kernel forms and bias (never
+  differentiate them here). forward / backward: prepare_kernel's forms."""
+  del backward  # used by the VJP only
+  return _conv_forward(x, forward, method, winograd_tile) + bias
 
 
-def _conv_input_vjp_fwd(x, kernel, bias, method, winograd_tile):
-  return _conv_input_vjp(x, kernel, bias, method, winograd_tile), (
-      kernel, bias)
+def _conv_input_vjp_fwd(x, forward, backward, bias, method, winograd_tile):
+  y = _conv_forward(x, forward, method, winograd_tile) + bias
+  return y, (forward, backward, bias)
 
 
 def _conv_input_vjp_bwd(method, winograd_tile, residuals, cotangent):
-  kernel, bias = residuals
+  forward, backward, bias = residuals
   # dL/dx = conv(dL/dy, flipped kernel): each input pixel feeds output pixel
   # p - (dy - 1, dx - 1) through kernel[dy, dx]; the correlation over those
   # outputs is a convolution with kernel[2 - dy, 2 - dx] transposed.
-  grad_x = _conv_forward(cotangent, flip_kernel(kernel), method,
-                         winograd_tile)
-  return grad_x, jnp.zeros_like(kernel), jnp.zeros_like(bias)
+  grad_x = _conv_forward(cotangent, backward, method, winograd_tile)
+  return (grad_x, jnp.zeros_like(forward), jnp.zeros_like(backward),
+          jnp.zeros_like(bias))
 
 
 _conv_input_vjp.defvjp(_conv_input_vjp_fwd, _conv_input_vjp_bwd)

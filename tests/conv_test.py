@@ -50,8 +50,7 @@ class Conv3x3Test(parameterized.TestCase):
 
   @parameterized.product(
       method=_METHODS,
-      shape=((1, 37, 45, 3, 64), (2, 9, 7, 32, 48), (1, 5, 4, 64, 16),
-             (1, 1, 1, 16, 8)))
+      shape=((1, 13, 11, 3, 16), (2, 9, 7, 32, 48), (1, 1, 1, 16, 8)))
   def test_values_and_input_gradient_match_lax(self, method, shape):
     name, tile, tol = method
     n, h, w, c_in, c_out = shape
@@ -102,6 +101,31 @@ class Conv3x3Test(parameterized.TestCase):
     self.assertEqual(flipped.shape, (3, 3, 5, 4))
     np.testing.assert_array_equal(flipped[0, 2, 1, 3], kernel[2, 0, 3, 1])
 
+  @parameterized.parameters(("matmul", 4), ("winograd", 2), ("winograd", 4))
+  def test_prepared_kernel_gives_the_same_values_and_gradient(self, method,
+                                                              tile):
+    x = _random((1, 7, 9, 16), 11)
+    kernel = _random((3, 3, 16, 8), 12, 0.1)
+    cotangent = _random((1, 7, 9, 8), 13)
+    prepared = conv.prepare_kernel(kernel, method, tile)
+    outputs = [jax.vjp(lambda x, p=p: conv.conv3x3(
+        x, kernel, method=method, winograd_tile=tile, prepared=p), x)
+               for p in (None, prepared)]
+    np.testing.assert_allclose(outputs[0][0], outputs[1][0], rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(outputs[0][1](cotangent)[0],
+                               outputs[1][1](cotangent)[0], rtol=1e-6,
+                               atol=1e-6)
+    self.assertEqual(conv.prepare_kernel(kernel, "xla"), ())
+
+  def test_layer_method_keeps_winograd_for_deep_layers_only(self):
+    self.assertEqual(conv.layer_method("winograd", 64, 64), "xla")
+    self.assertEqual(conv.layer_method("winograd", 128, 128), "xla")
+    self.assertEqual(conv.layer_method("winograd", 128, 256), "winograd")
+    self.assertEqual(conv.layer_method("winograd", 512, 512), "winograd")
+    self.assertEqual(conv.layer_method("matmul", 3, 64), "matmul")
+    self.assertEqual(conv.layer_method("auto", 512, 512, "gpu"), "xla")
+
   def test_resolve(self):
     self.assertEqual(conv.resolve("auto", "gpu"), "xla")
     self.assertEqual(conv.resolve("auto", "tpu"), "xla")
@@ -144,9 +168,13 @@ class VGGConvOptionTest(parameterized.TestCase):
     return vgg.VGG(conv=method, dtype=dtype).apply(
         {"params": cls.params}, image, outputs=cls.outputs)
 
-  @parameterized.parameters("matmul", "winograd", "auto")
-  def test_features_match_xla(self, method):
-    ours = self._features(method, self.image)
+  @parameterized.parameters(("matmul", True), ("winograd", False),
+                            ("winograd", True), ("auto", False))
+  def test_features_match_xla(self, method, prepared):
+    params = (vgg.prepare_params(self.params, method) if prepared
+              else self.params)
+    ours = vgg.VGG(conv=method).apply({"params": params}, self.image,
+                                      outputs=self.outputs)
     tol = 1e-4 if conv.resolve(method) == "winograd" else 1e-5
     for name in self.outputs:
       self.assertEqual(ours[name].shape, self.ref[name].shape, name)

@@ -28,7 +28,9 @@ first use. --notorch times ours only.
     python benchmarks/bench_peers.py --torch_python /work/torch_venv/bin/python
     python benchmarks/bench_peers.py --notorch --sizes 256
 
-    pip install -e '.[bench]'   # nothing but a note: torch goes to its venv
+The `bench` extra of setup.py pins the same torch for a venv made by hand:
+  python3 -m venv /work/torch_venv && /work/torch_venv/bin/pip install \
+      torch==2.13.0
 """
 
 import argparse
@@ -52,6 +54,7 @@ from cnnmrf_jax import conv as conv_lib
 from cnnmrf_jax import vgg
 
 _WORKER = _ROOT / "benchmarks" / "_torch_worker.py"
+_TORCH_PIN = "2.13.0"  # the CPU wheel; keep in step with setup.py's bench
 _DEFAULT_VENV = pathlib.Path.home() / ".cache" / "cnnmrf_jax" / "torch_venv"
 
 
@@ -70,7 +73,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       help="python of a venv with torch installed")
   parser.add_argument("--torch_venv", default=str(_DEFAULT_VENV),
                       help="venv created when --torch_python is not given")
-  parser.add_argument("--torch_version", default="2.13.0")
+  parser.add_argument("--torch_version", default=_TORCH_PIN)
   args = parser.parse_args(argv)
   vgg.check_layers([args.layer], flag="layer")
   if args.repeats < 1 or any(s < 32 for s in args.sizes):
@@ -134,14 +137,25 @@ def _our_step(method: str, layer: str, size: int):
     return jnp.sum(features[layer])
 
   step = jax.jit(jax.value_and_grad(loss, argnums=1))
-  image = jax.random.normal(jax.random.key(0), (1, size, size, 3))
-  jax.block_until_ready(step(params, image))
+  # A preprocessed-image scale (Caffe convention: about +-128).
+  image = 64.0 * jax.random.normal(jax.random.key(0), (1, size, size, 3))
+  result = jax.block_until_ready(step(params, image))
 
   def run() -> float:
     start = time.perf_counter()
     jax.block_until_ready(step(params, image))
     return time.perf_counter() - start
-  return run
+  return run, result
+
+
+def _differences(ours, ref) -> str:
+  """Max abs and max abs / max |ref| of value and gradient vs the ref."""
+  parts = []
+  for what, a, b in (("value", ours[0], ref[0]), ("grad", ours[1], ref[1])):
+    diff = float(jnp.max(jnp.abs(a - b)))
+    parts.append(f"{what} max abs {diff:.3g} rel "
+                 f"{diff / float(jnp.max(jnp.abs(b))):.3g}")
+  return ", ".join(parts)
 
 
 def _flops(layer: str, size: int) -> float:
@@ -168,12 +182,17 @@ def main(argv=None) -> None:
   worker = _TorchWorker(_torch_python(args)) if args.torch else None
   try:
     for size in args.sizes:
-      runners = {}
+      runners, results = {}, {}
       for method in args.convs:
         start = time.perf_counter()
-        runners[f"ours_{method}"] = _our_step(method, args.layer, size)
+        runners[f"ours_{method}"], results[method] = _our_step(
+            method, args.layer, size)
         print(f"{size}px compile+first ours_{method}: "
               f"{time.perf_counter() - start:.1f} s", flush=True)
+        if "xla" in results and method != "xla":
+          print(f"{size}px ours_{method} vs ours_xla: "
+                f"{_differences(results[method], results['xla'])}",
+                flush=True)
       if worker is not None:
         for channels_last in (False, True):
           key = worker.ask(cmd="setup", size=size, layer=args.layer,
@@ -193,7 +212,7 @@ def main(argv=None) -> None:
       for name, seconds in medians.items():
         line = (f"{size}px {args.layer} value+grad {name}: "
                 f"{seconds * 1e3:.1f} ms ({flops / seconds / 1e9:.0f} GFLOP/s"
-                f" of conv)")
+                f" of direct convolution)")
         if torch_best is not None and name.startswith("ours"):
           line += f", torch_best/ours {torch_best / seconds:.2f}x"
         print(line, flush=True)

@@ -6,11 +6,15 @@ by one of `CONVS`:
 
   - 'xla': lax.conv_general_dilated, differentiated by JAX. On GPU and TPU
     this is cuDNN's / the TPU's convolution.
-  - 'matmul': the convolution as large matrix products, which XLA:CPU runs
-    at its matmul rate: the three horizontal shifts of the padded input are
+  - 'matmul': the direct convolution as large matrix products (GEMM calls
+    on XLA:CPU, no convolution kernel): the three horizontal shifts of the
+    padded input are
     stacked on the channel axis ([N, H + 2, W, 3 C_in], a 3x copy instead
     of im2col's 9x), and each kernel row is one [N H W, 3 C_in] x
-    [3 C_in, C_out] product of a row-shifted view, accumulated.
+    [3 C_in, C_out] product of a row-shifted view, accumulated. XLA:CPU's
+    own convolution already packs its operands into GEMMs, and does so
+    without the copies, so this form is slower than 'xla' there; it is the
+    plain-matmul reference of the custom VJP.
   - 'winograd': Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray,
     "Fast Algorithms for Convolutional Neural Networks", CVPR 2016, eq. 8:
     Y = A^T [(G g G^T) . (B^T d B)] A). The kernel is transformed to
@@ -53,8 +57,8 @@ WINOGRAD_TILES = (2, 4)
 # methods against each other and against torch).
 CPU_AUTO = "winograd"
 # The layers layer_method runs as Winograd: from these channel counts on
-# (VGG's blocks 3 to 5) it measured faster than 'xla' on CPU, below them
-# slower (benchmarks/bench_peers.py).
+# (VGG's blocks 3 to 5) a layer's forward and input gradient measured faster
+# as F(4x4, 3x3) than as 'xla' on CPU at 384 and 512 px, below them slower.
 WINOGRAD_MIN_IN = 128
 WINOGRAD_MIN_OUT = 256
 

@@ -129,7 +129,8 @@ def _our_step(method: str, layer: str, size: int):
   """A zero-argument callable running one value-and-grad, compiled."""
   # The kernels' forms for `method` are made once, as a synthesis would.
   params = vgg.prepare_params(
-      jax.tree.map(jnp.asarray, vgg.init_params("vgg19")), method)
+      jax.tree.map(jnp.asarray, vgg.init_params("vgg19")), method,
+      layers=[layer])
   model = vgg.VGG(conv=method)
 
   def loss(params, image):

@@ -287,18 +287,28 @@ def init_params(network: str = "vgg19", seed: int = 0,
 
 
 def prepare_params(params: Dict[str, Any], conv: str,
-                   network: str = "vgg19") -> Dict[str, Any]:
+                   network: str = "vgg19",
+                   layers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   """`params` plus, per conv layer, the kernel forms conv.prepare_kernel
   makes for `conv` (PREPARED names), so VGG(conv=conv) does not transform
   the weights at every call. Unchanged copy for 'xla' (it needs none).
 
-  Call once, outside the optimisation loop; the result is only valid for
-  the same `conv` method and the same weights.
+  Winograd F(4x4, 3x3) forms hold 8x a kernel's floats (36 frequencies,
+  forward and input gradient), so only the conv layers up to the deepest of
+  `layers` (default: all) are prepared; deeper ones, if run, transform
+  their kernel at each call. Call once, outside the optimisation loop; the
+  result is valid only for the same `conv` method and weights.
   """
+  names = layer_names(network)
+  last = len(names)
+  if layers is not None:
+    check_layers(layers, network, flag="layers")
+    last = max(names.index(l) for l in layers) + 1
+  to_prepare = set(names[:last]) & set(conv_shapes(network))
   prepared = {}
   for name, layer in params.items():
     layer = dict(layer)
-    if name in conv_shapes(network):
+    if name in to_prepare:
       _, _, c_in, c_out = conv_shapes(network)[name]["kernel"]
       forms = conv_lib.prepare_kernel(
           jnp.asarray(layer["kernel"]),

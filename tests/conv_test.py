@@ -203,6 +203,14 @@ class VGGConvOptionTest(parameterized.TestCase):
                       1e-9)
       self.assertLess(_max_relative_error(our_grad, ref_grad), 1e-9)
 
+  def test_prepare_params_stops_at_the_deepest_layer(self):
+    params = vgg.prepare_params(self.params, "winograd", layers=["relu4_2"])
+    self.assertIn(vgg.PREPARED[0], params["conv4_2"])
+    self.assertNotIn(vgg.PREPARED[0], params["conv4_3"])
+    self.assertNotIn(vgg.PREPARED[0], params["conv2_2"])  # runs as 'xla'
+    self.assertEqual(params["conv4_2"][vgg.PREPARED[1]].shape, (36, 512, 512))
+    self.assertNotIn(vgg.PREPARED[0], self.params["conv4_2"])  # a copy
+
   def test_ceil_mode_pooling_shapes(self):
     # 37 x 45 -> 19 x 23 -> 10 x 12 -> 5 x 6 -> 3 x 3 (ceil(n / 2) each).
     sides = [self.ref[f"pool{b}"].shape[1:3] for b in range(1, 5)]

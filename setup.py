@@ -27,6 +27,9 @@ setuptools.setup(
         "examples": ["scikit-image>=0.21", "matplotlib>=3.7"],
         # Optional readers for weight files users bring.
         "converters": ["h5py>=3.8"],
+        # benchmarks/bench_peers.py's peer; the script puts it in a venv of
+        # its own (pinned: the CPU wheel, an unpinned torch pulls CUDA).
+        "bench": ["torch==2.13.0"],
         "test": ["pytest>=7", "scikit-image>=0.21", "matplotlib>=3.7",
                  "h5py>=3.8"],
     },

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from cnnmrf_jax import conv as conv_lib
+
 # Convolutions per block and channels per block.
 _BLOCKS = {
     "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
@@ -178,6 +180,39 @@ def pool2x2_ceil(x: jnp.ndarray, kind: str = "max") -> jnp.ndarray:
                    f"{POOLINGS}")
 
 
+# Names of prepare_params' precomputed kernel forms inside a conv layer's
+# parameters (conv.prepare_kernel: forward and input-gradient kernels).
+PREPARED = ("prepared_forward", "prepared_backward")
+
+
+class _Conv3x3(nn.Module):
+  """A 3x3 stride-1 pad-1 convolution computed by conv.conv3x3(method).
+
+  Parameters as nn.Conv names and shapes them ('kernel' [3, 3, C_in,
+  C_out], 'bias' [C_out]), so weights load the same for every method; if
+  prepare_params added the PREPARED kernel forms they are used instead of
+  transforming the kernel at every call. The 'matmul' and 'winograd'
+  methods give the kernel no gradient.
+  """
+  features: int
+  method: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      jnp.float32)
+    prepared = None
+    if all(self.has_variable("params", name) for name in PREPARED):
+      prepared = tuple(self.get_variable("params", name)
+                       for name in PREPARED)
+    return conv_lib.conv3x3(x, kernel.astype(self.dtype),
+                            bias.astype(self.dtype), method=self.method,
+                            prepared=prepared)
+
+
 class VGG(nn.Module):
   """VGG19 / VGG16 convolutional trunk returning named features.
 
@@ -185,10 +220,17 @@ class VGG(nn.Module):
     network: 'vgg19' or 'vgg16'.
     pooling: 'max' (Caffe ceil mode, the reference) or 'avg'.
     dtype: computation dtype (float32; bfloat16 on accelerators).
+    conv: how the 3x3 convolutions run, one of conv.CONVS: 'xla'
+      (flax's nn.Conv, lax.conv_general_dilated), 'matmul' or 'winograd'
+      (matmul forms with an input-only custom VJP: the weights get no
+      gradient; 'winograd' only on the layers conv.layer_method gives it,
+      'xla' on the others), 'auto' (conv.resolve's pick for the backend).
+      vgg.prepare_params(params, conv) precomputes the kernels' forms.
   """
   network: str = "vgg19"
   pooling: str = "max"
   dtype: Any = jnp.float32
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, images: jnp.ndarray,
@@ -208,6 +250,7 @@ class VGG(nn.Module):
     if not outputs:
       raise ValueError("--outputs: no layers asked for")
     check_layers(outputs, self.network, flag="outputs")
+    conv_lib.check_method(self.conv)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"VGG expects images of shape [N, H, W, 3], got "
                        f"{images.shape}")
@@ -218,8 +261,15 @@ class VGG(nn.Module):
     for name in names[:deepest + 1]:
       if name.startswith("conv"):
         channels = conv_shapes(self.network)[name]["kernel"][-1]
-        x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
-                    dtype=self.dtype, name=name)(x)
+        c_in = conv_shapes(self.network)[name]["kernel"][2]
+        if conv_lib.layer_method(self.conv, c_in, channels) == "xla":
+          x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
+                      dtype=self.dtype, name=name)(x)
+        else:
+          x = _Conv3x3(channels, conv_lib.layer_method(self.conv, c_in,
+                                                       channels),
+                       dtype=self.dtype,
+                       name=name)(x)
       elif name.startswith("relu"):
         x = nn.relu(x)
       else:
@@ -243,6 +293,38 @@ def init_params(network: str = "vgg19", seed: int = 0,
         "bias": (rng.standard_normal(shapes["bias"]) * 0.01).astype(np.float32),
     }
   return params
+
+
+def prepare_params(params: Dict[str, Any], conv: str,
+                   network: str = "vgg19",
+                   layers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+  """`params` plus, per conv layer, the kernel forms conv.prepare_kernel
+  makes for `conv` (PREPARED names), so VGG(conv=conv) does not transform
+  the weights at every call. Unchanged copy for 'xla' (it needs none).
+
+  Winograd F(4x4, 3x3) forms hold 8x a kernel's floats (36 frequencies,
+  forward and input gradient), so only the conv layers up to the deepest of
+  `layers` (default: all) are prepared; deeper ones, if run, transform
+  their kernel at each call. Call once, outside the optimisation loop; the
+  result is valid only for the same `conv` method and weights.
+  """
+  names = layer_names(network)
+  last = len(names)
+  if layers is not None:
+    check_layers(layers, network, flag="layers")
+    last = max(names.index(l) for l in layers) + 1
+  to_prepare = set(names[:last]) & set(conv_shapes(network))
+  prepared = {}
+  for name, layer in params.items():
+    layer = dict(layer)
+    if name in to_prepare:
+      _, _, c_in, c_out = conv_shapes(network)[name]["kernel"]
+      forms = conv_lib.prepare_kernel(
+          jnp.asarray(layer["kernel"]),
+          conv_lib.layer_method(conv, c_in, c_out))
+      layer.update(zip(PREPARED, forms))
+    prepared[name] = layer
+  return prepared
 
 
 def preprocess(rgb: jnp.ndarray, convention: str = "caffe") -> jnp.ndarray:

@@ -70,11 +70,15 @@ def rotated_size(height: int, width: int, degrees: float) -> Tuple[int, int]:
 
 
 def scaled_size(height: int, width: int, factor: float) -> Tuple[int, int]:
-  """(h, w) of a copy scaled by `factor`: both sides rounded, at least 1."""
+  """(h, w) of a copy scaled by `factor`, as the reference: the long side
+  floor(long * factor), then torch `image.scale` to it, which truncates
+  the short side to floor(short * new_long / long); each at least 1."""
   if factor == 1:
     return height, width
-  return (max(int(round(height * factor)), 1),
-          max(int(round(width * factor)), 1))
+  long_side = max(height, width)
+  new_long = max(1, int(math.floor(long_side * factor)))
+  return (max(1, height * new_long // long_side),
+          max(1, width * new_long // long_side))
 
 
 def copy_transforms(num_rotations: int, num_scales: int
@@ -130,8 +134,11 @@ def augment_style(image: np.ndarray, *, num_rotations: int = 0,
   As the reference: rotations by k * ROTATION_STEP degrees (counter-
   clockwise), k in [-R, R], each cropped to the largest axis-aligned
   rectangle inside the rotated image; then each is resized by
-  SCALE_STEP ** k, k in [-S, S] (both sides, aspect kept). The copy for
-  k = 0, 0 is the image itself, unchanged. Sizes are `copy_sizes`.
+  SCALE_STEP ** k, k in [-S, S] (`scaled_size`: the long side floored, the
+  short side as torch's image.scale makes it). The copy for k = 0, 0 is the
+  image itself, unchanged. Sizes are `copy_sizes`. The reference rotates
+  without expanding and crops a box of its own geometry; the largest
+  inscribed rectangle here keeps a little more of each rotated copy.
 
   Args:
     image: [H, W, 3] float32 RGB in [0, 1].

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, Optional, Sequence, Tuple
 
+from cnnmrf_jax import conv as conv_lib
 from cnnmrf_jax import patches
 from cnnmrf_jax import vgg
 
@@ -89,7 +90,9 @@ class Config:
   # Gatys baseline.
   style_layers: Tuple[str, ...] = _option(GATYS_STYLE_LAYERS,
                                           "gatys: Gram layers.")
-  style_weight: float = _option(1e3, "gatys: style weight.")
+  style_weight: float = _option(
+      100.0, "gatys: style weight of every Gram layer (neural-style's "
+      "-style_weight; configs/gatys.flags gives its other defaults).")
   # Initialisation, optimiser, network.
   init: str = _option(
       "", "content, noise or an image path; empty: content (transfer, "
@@ -106,6 +109,12 @@ class Config:
       "", "Weights file (.npz, .caffemodel, .pth, .h5); empty: the fetched "
       "default for --network.")
   pooling: str = _option("max", "Pooling.", choices=vgg.POOLINGS)
+  # How the VGG's 3x3 convolutions run, not what they compute (conv.py).
+  conv: str = _option(
+      "auto", "How the VGG's 3x3 convolutions run (same features to float "
+      "rounding): xla (lax.conv), matmul (nine shifted matmuls), winograd "
+      "(F(4x4, 3x3) from conv3_1 on), auto (winograd on CPU, xla on GPU "
+      "and TPU).", choices=conv_lib.CONVS)
   # Compute dtype of the VGG and of the matching products: float32, or
   # bfloat16 (accelerators); losses, gradients and L-BFGS stay float32.
   dtype: str = _option(

@@ -133,14 +133,16 @@ def tv_loss(image: jnp.ndarray, *, weight: float) -> jnp.ndarray:
 
 
 def gram_matrix(features: jnp.ndarray) -> jnp.ndarray:
-  """G = F^T F / M: features [H, W, C] -> [C, C], M = H * W positions.
+  """G = F^T F / (C H W): features [H, W, C] -> [C, C].
 
-  Normalised by the number of positions so that Gram matrices of style
-  images of different sizes can be blended (Gatys' G is M times this).
+  neural-style's (jcjohnson/neural-style) GramMatrix divided by the number
+  of elements of the map, so that Gram matrices of style images of
+  different sizes compare and blend, and its style weights mean what its
+  users know.
   """
   _check_rank3(features, "gram_matrix: features")
   flat = features.reshape(-1, features.shape[-1])
-  return jnp.dot(flat.T, flat) / flat.shape[0]
+  return jnp.dot(flat.T, flat) / flat.size
 
 
 def blend_grams(grams: Sequence[jnp.ndarray],
@@ -166,13 +168,18 @@ def blend_grams(grams: Sequence[jnp.ndarray],
 
 def gram_loss(features: jnp.ndarray, target_gram: jnp.ndarray, *,
               weight: float) -> jnp.ndarray:
-  """Gatys' style loss of one layer: weight / (4 N^2) * ||G - A||^2.
+  """One layer's style loss as neural-style defines it:
+  weight * mean over the C^2 entries of (G - A)^2.
 
-  features [H, W, C] (N = C channels, M = H * W positions), target_gram
-  [C, C] from `gram_matrix` / `blend_grams`. With Gatys' unnormalised
-  G' = F^T F = M G and A' = M A this equals his
-  weight / (4 N^2 M^2) * ||G' - A'||^2 (Gatys et al., Eq. 4-5), now also defined
-  when the style and the synthesis differ in size.
+  features [H, W, C], target_gram [C, C] from `gram_matrix` /
+  `blend_grams`, G = gram_matrix(features). The weight is applied to every
+  style layer as it is (not divided by their number), as there.
+
+  From Gatys et al. (CVPR 2016, Eq. 4-5), E_l = 1 / (4 N^2 M^2) ||G' - A'||^2
+  with the unnormalised G' = F^T F, N = C channels, M = H W positions: here
+  G = G' / (N M), so mean((G - A)^2) = ||G' - A'||^2 / (N^4 M^2) = 4 E_l / N^2,
+  and this loss is weight * 4 / N^2 * E_l (a style of another size than the
+  synthesis is compared by its normalised A).
   """
   _check_rank3(features, "gram_loss: features")
   channels = features.shape[-1]
@@ -181,4 +188,4 @@ def gram_loss(features: jnp.ndarray, target_gram: jnp.ndarray, *,
                      f"{channels}] for features with C={channels}, got "
                      f"{target_gram.shape}")
   diff = gram_matrix(features) - target_gram
-  return weight / (4.0 * channels ** 2) * jnp.sum(jnp.square(diff))
+  return weight * jnp.mean(jnp.square(diff))

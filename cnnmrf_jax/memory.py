@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence, Tuple
 import jax
 
 from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import conv
 from cnnmrf_jax import patches
 from cnnmrf_jax import vgg
 
@@ -134,10 +135,24 @@ def level_bytes(config: config_lib.Config, level: Any,
 
 def fixed_bytes(config: config_lib.Config, input_pixels: int) -> int:
   """Bytes in use for the whole run: the decoded inputs (float32 RGB), the
-  VGG weights (a host and a device copy) and the runtime."""
-  weights = sum(math.prod(s) for shapes in vgg.conv_shapes(
-      config.network).values() for s in shapes.values())
-  return _FLOAT * (2 * weights + 3 * input_pixels) + RUNTIME_BYTES
+  VGG weights (a host and a device copy, plus the kernel forms --conv
+  prepares: winograd's 2 x 36 values per 3x3 kernel, matmul's 2 x 9) and
+  the runtime."""
+  shapes = vgg.conv_shapes(config.network)
+  weights = sum(math.prod(s) for layer in shapes.values()
+                for s in layer.values())
+  names = vgg.layer_names(config.network)
+  deepest = max((names.index(l) for l in config.feature_layers()),
+                default=len(names) - 1)
+  prepared = 0
+  for name in names[:deepest + 1]:
+    if name in shapes:
+      _, _, c_in, c_out = shapes[name]["kernel"]
+      per_kernel = {"winograd": 72, "matmul": 18}.get(
+          conv.layer_method(config.conv, c_in, c_out), 0)
+      prepared += per_kernel * c_in * c_out
+  return (_FLOAT * (2 * weights + prepared + 3 * input_pixels) +
+          RUNTIME_BYTES)
 
 
 def available_bytes() -> Tuple[int, str]:

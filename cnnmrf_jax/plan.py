@@ -44,16 +44,18 @@ def _ceil_div(a: int, b: int) -> int:
 def fit_long_side(height: int, width: int, max_size: int) -> Size:
   """(h, w) with the long side exactly `max_size` and the aspect kept.
 
-  The short side is ceil(short * max_size / long), computed in integers so
-  that no float error rounds an exact size up by one. Scales up as well as
-  down, as the reference resizes both inputs to max_size whatever their size.
+  As the reference's torch `image.scale(img, max_size)`, which computes
+  side * max_size / long_side and truncates it to an integer: the short side
+  is floor(short * max_size / long) (600x512 -> 384x327), at least 1. In
+  integers, so no float error moves a size. Scales up as well as down, as
+  the reference resizes both inputs to max_size whatever their size.
   """
   height = image_io.check_positive_int("height", height)
   width = image_io.check_positive_int("width", width)
   max_size = image_io.check_positive_int("max_size", max_size)
   long_side = max(height, width)
-  return (_ceil_div(height * max_size, long_side),
-          _ceil_div(width * max_size, long_side))
+  return (max(1, height * max_size // long_side),
+          max(1, width * max_size // long_side))
 
 
 def pyramid_sizes(height: int, width: int, num_res: int) -> List[Size]:
@@ -100,14 +102,20 @@ def output_size(config: config_lib.Config, sizes: InputSizes) -> Size:
 
 
 def style_size(config: config_lib.Config, style: Size, scale: float) -> Size:
-  """(H, W) of a style image at a level of `scale`: long side max_size
-  (texture: max_size / scaler, so the output is `scaler` times the
-  exemplar), times the scale, rounded up."""
+  """(H, W) of a style image at a level of `scale` (1/2**k).
+
+  As the reference (transfer_CNNMRF_wrapper.lua, syn_CNNMRF_wrapper.lua):
+  the style is first fitted to the long side max_size (texture:
+  floor(max_size / scaler), so the output is `scaler` times the exemplar);
+  each level then takes ceil(side * scale) of that, side by side, like the
+  content's pyramid.
+  """
   long_side = config.max_size
   if config.mode == "texture":
-    long_side = config.max_size / config.scaler
-  long_side = max(1, int(math.ceil(long_side * scale)))
-  return fit_long_side(style[0], style[1], long_side)
+    long_side = max(1, int(math.floor(config.max_size / config.scaler)))
+  height, width = fit_long_side(style[0], style[1], long_side)
+  return (max(1, int(math.ceil(height * scale))),
+          max(1, int(math.ceil(width * scale))))
 
 
 # ----------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def solve_level(stepper: Any, x: jnp.ndarray, targets: Dict[str, Any], *,
         history, pending, block_iters = history + records, [], 0
         images = {it: x}
         if it % print_every == 0 or it == num_iter:
-          _log_progress(records[-1], num_iter, seconds)
+          _log_progress(records[-1], list(fetched[-1][2]["terms"]),
+                        num_iter, seconds)
         if on_block is not None:
           on_block(records, x, state, it)
         block_start = time.perf_counter()
@@ -150,14 +151,17 @@ def _record(level, iteration, value, aux, seconds,
   return record
 
 
-def _log_progress(record, num_iter, seconds):
-  losses_text = " ".join(
-      f"{k}={np.mean(v):.4g}" for k, v in record.items()
-      if k == "loss" or k.startswith(("mrf_", "content_", "gram_", "tv")))
+def _log_progress(record, term_names, num_iter, seconds):
+  """One progress line: the loss and every term (the mean over the pairs
+  of a batch, and it says so)."""
+  values = " ".join(f"{k}={np.mean(record[k]):.4g}"
+                    for k in ("loss", *term_names))
+  pairs = len(record["loss"])
+  mean = f" (mean over {pairs} pairs)" if pairs > 1 else ""
   left = (num_iter - record["iter"]) * seconds
-  logging.info("level %d iter %d/%d %s | %.2f s/iter, %.0f s left in level",
-               record["level"] + 1, record["iter"], num_iter, losses_text,
-               seconds, left)
+  logging.info("level %d iter %d/%d%s %s | %.2f s/iter, %.0f s left in "
+               "level", record["level"] + 1, record["iter"], num_iter, mean,
+               values, seconds, left)
 
 
 class NonFiniteError(FloatingPointError):

@@ -79,11 +79,14 @@ class Synthesizer:
     if params is None:
       params, convention = weights_lib.load_params(
           config.weights or None, network=config.network)
-    self.params = jax.tree.map(jnp.asarray, params)
     self.convention = convention or "caffe"
     self.model = vgg.VGG(network=config.network, pooling=config.pooling,
-                         dtype=jnp.dtype(config.dtype))
+                         dtype=jnp.dtype(config.dtype), conv=config.conv)
     self.layers = config.feature_layers()
+    # The kernels in the forms --conv runs them in, transformed once here.
+    self.params = vgg.prepare_params(jax.tree.map(jnp.asarray, params),
+                                     config.conv, config.network,
+                                     layers=self.layers)
     self.objective = terms_lib.make_objective(config, self.model)
     self.solver = optim.make(config.optimizer, self.objective,
                              history_size=config.history_size,

@@ -289,7 +289,8 @@ def _gram_loss(config, x, features, targets, weight):
 GRAM = register(Term(
     name="gram", active=lambda c: c.mode == "gatys",
     layers=lambda c: c.style_layers,
-    weights=lambda c: _scalar(c.style_weight / max(1, len(c.style_layers))),
+    # neural-style applies style_weight to every layer as it is.
+    weights=lambda c: _scalar(c.style_weight),
     build=_gram_build, loss=_gram_loss))
 
 

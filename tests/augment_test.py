@@ -20,8 +20,8 @@ class TestAugment:
       rotation, scale = divmod(n, 5)
       base = copies[rotation * 5 + 2]
       factor = 1.05 ** (scale - 2)
-      assert abs(copy.shape[1] - base.shape[1] * factor) <= 0.5 + 1e-6
-      assert abs(copy.shape[0] - base.shape[0] * factor) <= 0.5 + 1e-6
+      assert 0 <= base.shape[1] * factor - copy.shape[1] < 2
+      assert 0 <= base.shape[0] * factor - copy.shape[0] < 2
     # Rotated copies are cropped inside the original and symmetric in size.
     assert copies[2].shape == copies[12].shape
     assert copies[2].shape[0] < 40 and copies[2].shape[1] < 60
@@ -55,3 +55,13 @@ class TestAugment:
     copies = augment.augment_style(image, num_rotations=2, num_scales=1)
     assert [c.shape[:2] for c in copies] == augment.copy_sizes(
         *shape, num_rotations=2, num_scales=1)
+
+
+def test_scaled_sizes_are_the_references():
+  # transfer_CNNMRF_wrapper.lua: max_sz = math.floor(math.max(h, w) *
+  # torch.pow(1.05, i_s)); image.scale(img, max_sz) then truncates the short
+  # side: floor(short * max_sz / long).
+  assert augment.scaled_size(300, 400, 1.05) == (315, 420)
+  assert augment.scaled_size(96, 82, 1.05) == (100, 85)  # 100.8 -> 100
+  assert augment.scaled_size(96, 82, 1 / 1.05) == (91, 77)  # 91.43, 77.7
+  assert augment.scaled_size(41, 48, 1.05 ** -2) == (36, 43)  # 43.5; 36.7

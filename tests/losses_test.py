@@ -160,22 +160,28 @@ class TestOtherLosses:
     with pytest.raises(ValueError, match="at least 2 x 2"):
       losses.tv_loss(jnp.ones((1, 5, 3)), weight=1.0)
 
-  def test_gram_equals_gatys_form(self):
+  def test_gram_is_neural_styles(self):
     rng = np.random.default_rng(5)
     f = rng.standard_normal((6, 5, 4))
     s = rng.standard_normal((8, 9, 4))
-    m, n = 30, 4
-    flat_f, flat_s = f.reshape(-1, n), s.reshape(-1, n)
+    flat_f, flat_s = f.reshape(-1, 4), s.reshape(-1, 4)
+    # neural_style.lua: GramMatrix(F) / F:nElement(); StyleLoss: strength *
+    # MSE(G, target), the mean over the C^2 entries.
+    g = flat_f.T @ flat_f / f.size
+    a = flat_s.T @ flat_s / s.size
     gram = losses.gram_matrix(jnp.asarray(f, jnp.float32))
-    np.testing.assert_allclose(gram, flat_f.T @ flat_f / m, rtol=1e-5)
+    np.testing.assert_allclose(gram, g, rtol=1e-5)
     target = losses.gram_matrix(jnp.asarray(s, jnp.float32))
-    # Gatys: w / (4 N^2 M^2) ||F^T F - M A||^2 with A the normalised target.
-    a = flat_s.T @ flat_s / len(flat_s)
-    want = 2.0 / (4 * n ** 2 * m ** 2) * np.sum(
-        (flat_f.T @ flat_f - m * a) ** 2)
     np.testing.assert_allclose(
-        losses.gram_loss(jnp.asarray(f, jnp.float32), target, weight=2.0),
-        want, rtol=1e-4)
+        losses.gram_loss(jnp.asarray(f, jnp.float32), target, weight=100.0),
+        100.0 * np.mean((g - a) ** 2), rtol=1e-4)
+    # = weight * 4 / N^2 * Gatys' E_l (paper form, unnormalised Grams).
+    n, m = 4, 30
+    e_l = np.sum((flat_f.T @ flat_f - (flat_s.T @ flat_s) * m / len(flat_s)
+                  ) ** 2) / (4 * n ** 2 * m ** 2)
+    np.testing.assert_allclose(
+        losses.gram_loss(jnp.asarray(f, jnp.float32), target, weight=1.0),
+        4 / n ** 2 * e_l, rtol=1e-4)
     with pytest.raises(ValueError, match=r"\[4, 4\]"):
       losses.gram_loss(jnp.asarray(f), jnp.ones((3, 3)), weight=1.0)
     with pytest.raises(ValueError, match=r"\[H, W, C\]"):

@@ -19,12 +19,14 @@ def _config(**changes):
 
 
 def test_fit_long_side():
+  # torch image.scale(img, 384), as the reference resizes its inputs:
+  # each side * 384 / long side, truncated (600x512 -> 384x327).
   assert plan.fit_long_side(512, 512, 384) == (384, 384)
-  assert plan.fit_long_side(600, 512, 384) == (384, 328)  # 327.68
-  assert plan.fit_long_side(383, 511, 384) == (288, 384)  # 287.8
+  assert plan.fit_long_side(600, 512, 384) == (384, 327)  # 327.68
+  assert plan.fit_long_side(383, 511, 384) == (287, 384)  # 287.8
   assert plan.fit_long_side(100, 300, 384) == (128, 384)  # Exact.
   assert plan.fit_long_side(1, 1001, 384) == (1, 384)
-  assert plan.fit_long_side(7, 5, 1000) == (1000, 715)  # Upscale.
+  assert plan.fit_long_side(7, 5, 1000) == (1000, 714)  # Upscale, 714.3
   with pytest.raises(ValueError):
     plan.fit_long_side(0, 5, 10)
 
@@ -43,12 +45,14 @@ def test_pyramid_sizes():
 def test_plan_sizes_match_the_reference_rules():
   config = _config(num_rotations=1, num_scales=1)
   run_plan = plan.make(config, [plan.InputSizes((600, 512), ((480, 640),))])
-  assert run_plan.output_size == (384, 328)
+  assert run_plan.output_size == (384, 327)
   assert [l.size for l in run_plan.levels] == [(96, 82), (192, 164),
-                                               (384, 328)]
+                                               (384, 327)]
+  finest = plan.fit_long_side(480, 640, 384)
   for level, scale in zip(run_plan.levels, (0.25, 0.5, 1.0)):
     style = level.styles[0][0]
-    assert style == plan.fit_long_side(480, 640, int(np.ceil(384 * scale)))
+    # The reference: ceil(side * 0.5^k) of the finest style, side by side.
+    assert style == tuple(int(np.ceil(s * scale)) for s in finest)
     assert level.copies[0] == tuple(augment.copy_sizes(
         *style, num_rotations=1, num_scales=1))
     assert len(level.copies[0]) == 9
@@ -62,8 +66,8 @@ def test_plan_sizes_match_the_reference_rules():
   assert run_plan.memory_bytes == max(
       l.memory_bytes for l in run_plan.levels) + memory.fixed_bytes(
           config, 600 * 512 + 480 * 640)
-  assert json.loads(run_plan.to_json())["levels"][2]["size"] == [384, 328]
-  assert "level 3: 384x328 px, 100 iterations, 9 style copies" in (
+  assert json.loads(run_plan.to_json())["levels"][2]["size"] == [384, 327]
+  assert "level 3: 384x327 px, 100 iterations, 9 style copies" in (
       run_plan.table())
 
 
@@ -73,6 +77,10 @@ def test_texture_output_is_scaler_times_the_exemplar():
   run_plan = plan.make(config, [plan.InputSizes(None, ((300, 400),))])
   assert run_plan.output_size == (192, 256)
   assert run_plan.levels[-1].styles[0][0] == (96, 128)
+  # syn_CNNMRF_wrapper.lua: the exemplar to floor(max_size / scaler).
+  odd = config_lib.replace(config, max_size=255)
+  odd_plan = plan.make(odd, [plan.InputSizes(None, ((300, 400),))])
+  assert odd_plan.levels[-1].styles[0][0] == (95, 127)
 
 
 def test_pairs_with_other_style_sizes_get_one_padded_bank():

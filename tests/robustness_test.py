@@ -678,8 +678,10 @@ def _poison(update, field, at):
     x, state = update(x, state, *args)
     calls.append(1)
     if len(calls) == at:
-      bad = jnp.full_like(getattr(state, field), jnp.nan)
-      state = state._replace(**{field: bad})
+      # The L-BFGS state keeps jaxopt's state (value, grad) as its engine.
+      inner = state.engine
+      bad = jnp.full_like(getattr(inner, field), jnp.nan)
+      state = state._replace(engine=inner._replace(**{field: bad}))
     return x, state
 
   return poisoned

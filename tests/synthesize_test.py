@@ -9,6 +9,7 @@ import pytest
 
 from cnnmrf_jax import compile_cache
 from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import image_io
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import workdir as workdir_lib
 
@@ -163,3 +164,40 @@ def test_a_flat_result_is_reported(tiny_images, random_vgg19, caplog):
                    convention=random_vgg19[1])
   assert any("nearly one flat colour" in r.getMessage() and "--num_iter" in
              r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.real_weights
+def test_real_weights_texture_makes_progress_from_the_noise_start():
+  # The command of the bug report: from N(0, 1e-3^2) noise the MRF energy
+  # stalled for 20-40 iterations and a flat colour was written.
+  config = config_lib.Config(
+      mode="texture", style_image=("example:ihc",), max_size=128,
+      num_res=2, num_iter=(20,), print_every=10, init="noise")
+  result = synthesize.run(config)
+  mrf = lambda r: sum(r[f"mrf_{l}"][0] for l in config.mrf_layers)
+  coarse = {r["iter"]: r for r in result.history if r["level"] == 0}
+  assert mrf(coarse[10]) <= 0.7 * mrf(coarse[0]), (mrf(coarse[0]),
+                                                   mrf(coarse[10]))
+  assert image_io.flat_image_warning(result.images[0], flag_hint="") is None
+  assert result.images[0].std(axis=(0, 1)).min() > 0.03
+
+
+@pytest.mark.real_weights
+@pytest.mark.slow
+def test_real_weights_gatys_from_noise_keeps_the_content():
+  # neural-style's terms and defaults (configs/gatys.flags) from its noise
+  # start: the Gram terms fall by orders of magnitude and the content term
+  # falls too, so the portrait appears (at 128 px the Gram layers see
+  # nearly the whole image and lead; 192 px is the smallest that shows it).
+  config = config_lib.Config(
+      mode="gatys", content_image="example:astronaut",
+      style_image=("example:coffee",), max_size=192, num_res=1,
+      num_iter=(150,), print_every=50, init="noise", content_weight=5.0,
+      style_weight=100.0)
+  result = synthesize.run(config)
+  first, last = result.history[0], result.history[-1]
+  gram = lambda r: sum(r[f"gram_{l}"][0] for l in config.style_layers)
+  assert gram(last) < 0.02 * gram(first), (gram(first), gram(last))
+  # The old baseline ended with the Gram terms ~700x the content term and
+  # the content term where the noise started.
+  assert last["content_relu4_2"][0] < 0.6 * first["content_relu4_2"][0]

@@ -10,10 +10,11 @@ means the same in a run and in a sweep point.
 
 `parse_argv` parses a command line the way the README promises: --help
 prints the flags and exits 0; an unknown flag, a bad value or a missing
---flagfile is one line naming it, exit 2.
+--flagfile (or one that is a directory) is one line naming it, exit 2.
 """
 
 import dataclasses
+import re
 import sys
 import typing
 from typing import List, Optional, Sequence
@@ -118,25 +119,42 @@ def flag_names() -> List[str]:
           ] + list(NON_CONFIG_FLAGS)
 
 
+# absl's message for a --flagfile it cannot open (missing, a directory, ...).
+_FLAGFILE_ERROR = re.compile(
+    r"Unable to open flagfile: (?:\[Errno \d+\] )?(?P<reason>.*?): "
+    r"'(?P<path>.*)'$")
+
+
 def _one_line(error: BaseException) -> str:
   text = str(error).replace("ERROR:: ", "").strip()
-  return " ".join(line.strip() for line in text.splitlines() if line.strip())
+  line = " ".join(line.strip() for line in text.splitlines() if line.strip())
+  flagfile = _FLAGFILE_ERROR.match(line)
+  if flagfile:
+    return (f"--flagfile: cannot read {flagfile['path']} "
+            f"({flagfile['reason']}); expected a file of flags")
+  return line
 
 
-def help_text(usage: str, flag_values: flags.FlagValues = flags.FLAGS) -> str:
-  """The usage text and every flag this module defined, for --help."""
-  return f"{usage.rstrip()}\n\nflags:\n{flag_values.module_help(__name__)}"
+def help_text(usage: str, flag_values: flags.FlagValues = flags.FLAGS,
+              modules: Sequence[str] = ()) -> str:
+  """The usage text and every flag this module (and each of `modules`)
+  defined, for --help."""
+  sections = [flag_values.module_help(m) for m in (*modules, __name__)]
+  return f"{usage.rstrip()}\n\nflags:\n" + "\n\n".join(
+      s for s in sections if s)
 
 
 def parse_argv(argv: Sequence[str], usage: str,
-               flag_values: flags.FlagValues = flags.FLAGS) -> List[str]:
+               flag_values: flags.FlagValues = flags.FLAGS,
+               modules: Sequence[str] = ()) -> List[str]:
   """absl's flag parsing with the README's exit codes; for app.run's
   flags_parser. --help (-h, -?, --helpshort, --helpfull) prints the usage
-  and the flags on stdout, exit 0; a bad flag is one line on stderr, exit
+  and the flags (this module's and those `modules` define) on stdout, exit
+  0; a bad flag or an unreadable --flagfile is one line on stderr, exit
   2."""
   if any(a in ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
          for a in argv[1:]):
-    print(help_text(usage, flag_values))
+    print(help_text(usage, flag_values, modules))
     sys.exit(0)
   try:
     return flag_values(list(argv))

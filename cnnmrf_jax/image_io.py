@@ -238,10 +238,30 @@ def _composite_over_white(rgba: np.ndarray) -> Tuple[np.ndarray, bool]:
   return color * alpha + (1.0 - alpha), True
 
 
-def _to_rgb_float(img: Image.Image, where: str, notes: List[str]
-                  ) -> np.ndarray:
-  """A loaded PIL image of any mode -> [H, W, 3] float32 in [0, 1]."""
+def _sixteen_bit_colour(img: Image.Image) -> bool:
+  """Whether an opened, not yet loaded, image stores 16 bits per colour
+  channel (PNG RGB;16B, TIFF RGB;16L, ...). PIL opens these as 8-bit RGB
+  or RGBA, keeping each sample's high byte; only the decoder's raw mode
+  says so, and it is gone once the image is loaded."""
+  for tile in getattr(img, "tile", None) or ():
+    args = tile[-1]  # (codec, extents, offset, args); args: raw mode first
+    raw_mode = args[0] if isinstance(args, tuple) and args else args
+    if (isinstance(raw_mode, str) and raw_mode.startswith(("RGB", "RGBA"))
+        and ";16" in raw_mode):
+      return True
+  return False
+
+
+def _to_rgb_float(img: Image.Image, where: str, notes: List[str], *,
+                  sixteen_bit_colour: bool = False) -> np.ndarray:
+  """A loaded PIL image of any mode -> [H, W, 3] float32 in [0, 1].
+
+  sixteen_bit_colour: the file stores 16 bits per colour channel
+  (`_sixteen_bit_colour`), which PIL has reduced to 8.
+  """
   mode = img.mode
+  if sixteen_bit_colour and mode in ("RGB", "RGBA"):
+    notes.append(f"{where}: 16-bit {mode}, read at 8 bits per channel")
   if mode == "1":
     img, mode = img.convert("L"), "L"
     notes.append(f"{where}: 1-bit, read as greyscale")
@@ -329,6 +349,7 @@ def read_image(path_or_name: PathLike, *,
   path, where = _resolve(path_or_name, flag)
   notes = []
   with _open(path, where) as img:
+    sixteen_bit_colour = _sixteen_bit_colour(img)
     try:
       with _strict_truncation():
         img.load()
@@ -354,7 +375,8 @@ def read_image(path_or_name: PathLike, *,
                          f"{orientation} ({_one_line(e)})") from None
       notes.append(f"{where}: EXIF orientation {orientation} applied "
                    f"({_ORIENTATIONS[orientation]})")
-    rgb = _to_rgb_float(img, where, notes)
+    rgb = _to_rgb_float(img, where, notes,
+                        sixteen_bit_colour=sixteen_bit_colour)
   rgb = np.ascontiguousarray(rgb, dtype=np.float32)
   if rgb.ndim != 3 or rgb.shape[-1] != 3 or 0 in rgb.shape:
     raise ImageError(f"{where}: decoded to shape {rgb.shape}; expected "

@@ -49,7 +49,16 @@ the failing one is reported.
 
 Failures. A point that fails (a bad flag, a missing file, a non-finite
 loss) is recorded with its error in point.json and the summary; the others
-go on. The exit status is 1 if any point of this task failed.
+go on. The exit status is 1 if any point of this task failed; 2 for a bad
+sweep flag (one line).
+
+One process per point. A point's workdir is held (`workdir.claim`, an OS
+file lock that dies with its process) while it runs, so two tasks given
+overlapping slices by mistake never run one point at once: a point another
+live process holds is skipped with a log line and reported as busy; a
+point found done once its lock is taken is skipped. In the summary a point
+whose point.json says running but which no live process holds is shown as
+interrupted.
 
 Summary. ROOT/summary.csv (every point: name, status, error, seconds,
 final losses, every flag) and ROOT/contact_sheet.png (every result,
@@ -60,6 +69,7 @@ summarises what is finished when it ends; run --summary_only after the
 last for the complete one.
 """
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -292,7 +302,7 @@ def _final_values(history: Sequence[Dict[str, Any]]) -> Dict[str, float]:
 class Outcome:
   """What happened to one point in this task."""
   name: str
-  status: str  # done, failed, skipped
+  status: str  # done, failed, skipped, busy (another process runs it)
   error: str = ""
 
 
@@ -320,14 +330,53 @@ class _Runner:
     self.fixed_params = params
     self.params: Dict[Tuple[str, str], Tuple[Any, str]] = {}
     self.outcomes: List[Outcome] = []
+    self.overwrite = False
 
   def _fail(self, point: Point, error: BaseException, config=None) -> None:
     message = f"{type(error).__name__}: {error}".splitlines()[0]
     logging.error("point %s failed: %s", point.name, message)
     self.outcomes.append(Outcome(point.name, "failed", message))
-    _write_state(self.root, point, status="failed", error=message,
-                 flags=config.to_flag_lines() if config else None,
-                 task=list(self.task))
+    try:
+      _write_state(self.root, point, status="failed", error=message,
+                   flags=config.to_flag_lines() if config else None,
+                   task=list(self.task))
+    except OSError as e:  # an unwritable workdir: the summary still says it
+      logging.error("point %s: cannot record the failure (%s)", point.name,
+                    e)
+
+  def _done_already(self, point: Point, config) -> bool:
+    """Whether the point is done with these flags (and --overwrite is not
+    given): then it is skipped."""
+    if self.overwrite or not is_done(self.root, point):
+      return False
+    if read_state(self.root, point)["flags"] == config.to_flag_lines():
+      logging.info("point %s is done; skipping", point.name)
+      self.outcomes.append(Outcome(point.name, "skipped"))
+      return True
+    logging.warning("point %s is done but with other flags; running it "
+                    "again", point.name)
+    return False
+
+  def _claim(self, point: Point, config, held: contextlib.ExitStack
+             ) -> bool:
+    """Holds the point's workdir in `held`; False (and the point skipped
+    or failed) if another process holds it, it cannot be written, or it
+    was finished meanwhile."""
+    try:
+      held.enter_context(self.workdir.claim(
+          self.root / point.name, own_files=[re.escape(POINT_FILE)]))
+    except self.workdir.WorkdirBusyError as e:
+      pid = "unknown" if e.pid is None else e.pid
+      logging.warning("point %s is being run by another process (pid %s); "
+                      "skipping it", point.name, pid)
+      self.outcomes.append(Outcome(point.name, "busy",
+                                   f"run by another process (pid {pid})"))
+      return False
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(point, e, config)
+      return False
+    # Another task may have finished it while this one decided to run it.
+    return not self._done_already(point, config)
 
   def _weights(self, config):
     """(params, convention), loaded once per weights file."""
@@ -354,18 +403,14 @@ class _Runner:
             self.plan.output_size(config, sizes))
 
   def run(self, points: Sequence[Point], overwrite: bool) -> None:
+    self.overwrite = overwrite
     groups: Dict[Tuple[Any, ...], List[Tuple[Point, Any]]] = {}
     for point in points:
       config = None
       try:
         config = parse_point(point.argv)
-        if not overwrite and is_done(self.root, point):
-          if read_state(self.root, point)["flags"] == config.to_flag_lines():
-            logging.info("point %s is done; skipping", point.name)
-            self.outcomes.append(Outcome(point.name, "skipped"))
-            continue
-          logging.warning("point %s is done but with other flags; running "
-                          "it again", point.name)
+        if self._done_already(point, config):
+          continue
         key = self._shape_key(config)
       except Exception as e:  # pylint: disable=broad-except
         self._fail(point, e, config)
@@ -385,8 +430,15 @@ class _Runner:
     return synthesizers[count]
 
   def _run_chunk(self, members, synthesizers) -> None:
-    """Solves up to batch_size points of one group as one batch; if the
-    batch fails, each of its points alone."""
+    """Solves up to batch_size points of one group as one batch, each
+    point's workdir held; points another process holds are skipped."""
+    with contextlib.ExitStack() as held:
+      self._solve_chunk([(point, config) for point, config in members
+                         if self._claim(point, config, held)], synthesizers)
+
+  def _solve_chunk(self, members, synthesizers) -> None:
+    """Solves points whose workdirs are held as one batch; if the batch
+    fails, each of its points alone."""
     loaded = []
     for point, config in members:
       try:
@@ -420,7 +472,7 @@ class _Runner:
       logging.warning("the batch of %s failed (%s); running its points one "
                       "by one", names, e)
       for point, config, _ in loaded:
-        self._run_chunk([(point, config)], synthesizers)
+        self._solve_chunk([(point, config)], synthesizers)
       return
     for n, (point, config, _) in enumerate(loaded):
       try:
@@ -503,7 +555,10 @@ def _point_flags(point: Point, state: Optional[Dict[str, Any]]
 def summarize(points: Sequence[Point], root: pathlib.Path
               ) -> Tuple[pathlib.Path, pathlib.Path]:
   """Writes ROOT/summary.csv and ROOT/contact_sheet.png over all points."""
-  from cnnmrf_jax import image_io  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from cnnmrf_jax import image_io
+  from cnnmrf_jax import workdir as workdir_lib
+  # pylint: enable=g-import-not-at-top
   root = pathlib.Path(root)
   rows, point_flags, images, statuses = [], [], [], []
   for point in points:
@@ -511,6 +566,9 @@ def summarize(points: Sequence[Point], root: pathlib.Path
     status = state.get("status", "pending")
     if status == "done" and not is_done(root, point):
       status = "pending"  # its result went missing
+    elif status == "running" and not workdir_lib.is_claimed(
+        root / point.name):
+      status = "interrupted"  # killed: no live process holds it
     point_flags.append(_point_flags(point, state))
     statuses.append((status, state.get("error", "")))
     rows.append({"name": point.name, "status": status,
@@ -638,7 +696,7 @@ def sweep_from_flags(args: Sequence[str]) -> List[Outcome]:
   if jax.process_index() == 0:
     csv_path, sheet_path = summarize(points, root)
     print(f"summary: {csv_path}\ncontact sheet: {sheet_path}")
-  for status in ("done", "skipped", "failed"):
+  for status in ("done", "skipped", "busy", "failed"):
     names = [o.name for o in outcomes if o.status == status]
     if names:
       print(f"{status}: {len(names)}: {', '.join(names)}")
@@ -659,8 +717,20 @@ def main(argv):
     sys.exit(1)
 
 
+USAGE = """Sweeps of cnnmrf_jax synthesis runs, from flag files and grids.
+
+usage: python -m cnnmrf_jax.sweep [POINT.flags | DIR | 'GLOB' ...] \\
+           [--grid=FLAG=V1,V2,...]... [SYNTHESIS FLAGS] --workdir=ROOT"""
+
+
 def run_main():
-  app.run(main)
+  """`python -m cnnmrf_jax.sweep`: flags parsed as main.py parses them
+  (--help exits 0; a bad flag is one line, exit 2)."""
+  # The module absl filed this file's flags under (the script's path when
+  # it runs as __main__), so that --help lists them.
+  module = flags.FLAGS.find_module_defining_flag("grid")
+  app.run(main, flags_parser=lambda argv: cli.parse_argv(
+      argv, USAGE, modules=[module] if module else []))
 
 
 if __name__ == "__main__":

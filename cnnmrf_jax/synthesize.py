@@ -199,8 +199,17 @@ def synthesize(synthesizer: Synthesizer, inputs: Inputs,
 
   With config.resume, continues from workdir's checkpoint. On Ctrl-C (or
   SIGTERM turned into KeyboardInterrupt by main.py) the current image and
-  a checkpoint are written before the exception propagates.
+  a checkpoint are written before the exception propagates. The workdir is
+  held (`workdir.claim`) throughout: another process's run on it fails.
   """
+  if workdir is None:
+    return _synthesize(synthesizer, inputs, run_plan, None, names=names)
+  with workdir_lib.claim(workdir):
+    return _synthesize(synthesizer, inputs, run_plan, workdir, names=names)
+
+
+def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
+  """`synthesize`, the workdir (if any) held."""
   config = synthesizer.config
   num_pairs = len(inputs.styles)
   names = list(names or workdir_lib.result_names(num_pairs))

@@ -12,16 +12,29 @@
 `Writer` writes all of them, each atomically (fileio.py), refuses to replace
 a result without --overwrite, and reads a checkpoint back for --resume,
 checking that it was written by a run of the same flags.
+
+One run per workdir: `claim` holds an exclusive OS file lock on
+WORKDIR/.cnnmrf_jax.workdir.lock for a run's whole life (the command line
+takes it before reading any input). It dies with its process, so a killed
+run never leaves a stale lock; a second run on a held workdir fails at once
+with one line naming the holder's pid. Whoever takes the lock removes the
+temporary files that a writer killed mid-write left (fileio names them
+`.NAME.<random>.tmp`: a checkpoint's is as large as the checkpoint), and
+says so in the log. Before that, the directory is checked: a directory,
+creatable, writable.
 """
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import os
 import pathlib
 import platform
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +51,14 @@ PLAN_NAME = "plan.json"
 VERSIONS_NAME = "versions.json"
 CHECKPOINT_NAME = "checkpoint.npz"
 CURRENT_NAME = "interrupted.png"  # the image at Ctrl-C / SIGTERM
+LOCK_NAME = ".cnnmrf_jax.workdir.lock"  # held by the run that owns it
+
+# Every file a run writes in its workdir, as regular expressions: the
+# temporary files of these (and of nothing else) are removed by `claim`.
+_OWN_FILES = (r"result(?:_\d+)?\.png", r"interrupted(?:_\d+)?\.png",
+              r"iter_level\d+_\d+(?:_\d+)?\.png", r"log\.jsonl",
+              r"flags\.txt", r"plan\.json", r"versions\.json",
+              r"checkpoint\.npz")
 
 
 def result_names(num_pairs: int) -> List[str]:
@@ -80,16 +101,7 @@ class Writer:
     self.workdir = pathlib.Path(workdir)
     self.config = config
     self.names = list(names)
-    if self.workdir.exists() and not self.workdir.is_dir():
-      raise config_lib.ConfigError(
-          f"--workdir: {self.workdir} is a file, not a directory; choose "
-          "another --workdir")
-    try:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file in the way, no permission, ...
-      raise config_lib.ConfigError(
-          f"--workdir: cannot create the directory {self.workdir} "
-          f"({e.strerror or e})") from None
+    prepare(self.workdir)
     if not config.overwrite:
       for name in self.names:
         if (self.workdir / name).exists():
@@ -147,8 +159,12 @@ class Writer:
   def load_checkpoint(self) -> Checkpoint:
     path = self.workdir / CHECKPOINT_NAME
     if not path.exists():
+      killed = any(name.startswith(f".{CHECKPOINT_NAME}.")
+                   for name in removed_temp_files(self.workdir))
       raise config_lib.ConfigError(
-          f"--resume: no checkpoint in {self.workdir} to resume from")
+          f"--resume: no checkpoint in {self.workdir} to resume from" + (
+              " (the run was killed while writing its first checkpoint, "
+              "which was incomplete and is removed)" if killed else ""))
     try:
       with np.load(path) as data:
         meta = json.loads(data["meta"].tobytes().decode())
@@ -180,6 +196,136 @@ class Writer:
       if (self.workdir / name).exists():
         (self.workdir / name).unlink()
     return paths
+
+
+class WorkdirBusyError(config_lib.ConfigError):
+  """Another live process holds the workdir's lock (pid: its pid, or
+  None when unknown)."""
+
+  def __init__(self, message: str, pid: Optional[int]):
+    super().__init__(message)
+    self.pid = pid
+
+
+def _not_writable(workdir: pathlib.Path, reason: str
+                  ) -> config_lib.ConfigError:
+  return config_lib.ConfigError(
+      f"--workdir: cannot write in the directory {workdir} ({reason}); "
+      "choose another --workdir")
+
+
+def prepare(workdir: pathlib.Path) -> List[pathlib.Path]:
+  """Checks that `workdir` is (or can be made) a writable directory and
+  makes it; returns the directories it made, deepest first. Raises
+  ConfigError naming --workdir and the directory."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise config_lib.ConfigError(
+        f"--workdir: {workdir} is a file, not a directory; choose "
+        "another --workdir")
+  made, missing = [], workdir
+  while not missing.exists() and missing.parent != missing:
+    made.append(missing)
+    missing = missing.parent
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a file in the way, no permission, ...
+    raise config_lib.ConfigError(
+        f"--workdir: cannot create the directory {workdir} "
+        f"({e.strerror or e})") from None
+  # Writing a file needs write and search permission on the directory
+  # (root has both whatever the mode bits, but not on a read-only mount).
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise _not_writable(workdir, "read-only file system" if _read_only_mount(
+        workdir) else "no write permission")
+  return made
+
+
+def _read_only_mount(directory: pathlib.Path) -> bool:
+  try:
+    return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+  except (OSError, AttributeError):  # AttributeError: not POSIX
+    return False
+
+
+# Workdirs this process has claimed: {real path: nesting depth}. A run
+# claims its workdir in main.py and again in synthesize(); a sweep point
+# that falls back from a batch to a run alone is claimed again.
+_CLAIMED: Dict[str, int] = {}
+# The temporary files each claimed workdir's claim removed, by real path.
+_REMOVED: Dict[str, List[str]] = {}
+
+
+@contextlib.contextmanager
+def claim(workdir, *, own_files: Sequence[str] = ()
+          ) -> Iterator[pathlib.Path]:
+  """Holds `workdir` for this process: checked, made, locked, cleaned.
+
+  The workdir is checked and made (`prepare`), its lock taken (already
+  held by this process: held once more), and the temporary files of its
+  own files (and of `own_files`, regular expressions of more names) that a
+  killed writer left are removed, with one log line. On exit the lock is
+  released, and directories it made are removed if nothing was written in
+  them.
+
+  Raises:
+    WorkdirBusyError: another live process holds the lock.
+    config.ConfigError: not a directory, cannot be made or written.
+  """
+  workdir = pathlib.Path(workdir)
+  key = os.path.realpath(workdir)
+  if key in _CLAIMED:
+    _CLAIMED[key] += 1
+    try:
+      yield workdir
+    finally:
+      _CLAIMED[key] -= 1
+    return
+  made = prepare(workdir)
+  lock = fileio.DirectoryLock(workdir, LOCK_NAME)
+  try:
+    lock.acquire()
+  except fileio.LockHeldError as e:
+    pid = "pid unknown" if e.pid is None else f"pid {e.pid}"
+    raise WorkdirBusyError(
+        f"--workdir: {workdir} is in use by another run ({pid}); wait "
+        "for it to end or choose another --workdir", e.pid) from None
+  except OSError as e:  # the lock file cannot be made: not writable
+    _remove_empty(made)
+    raise _not_writable(workdir, e.strerror or str(e)) from None
+  _CLAIMED[key] = 1
+  try:
+    removed = fileio.remove_temp_files(
+        workdir, fileio.temp_file_pattern(_OWN_FILES + tuple(own_files)))
+    if removed:
+      logging.info("removed %d temporary file(s) that a killed run left in "
+                   "%s: %s", len(removed), workdir, ", ".join(removed))
+    _REMOVED[key] = removed
+    yield workdir
+  finally:
+    del _CLAIMED[key]
+    _REMOVED.pop(key, None)
+    lock.release()
+    _remove_empty(made)
+
+
+def _remove_empty(directories: Sequence[pathlib.Path]) -> None:
+  """Removes each of `directories` (deepest first) that is empty."""
+  for directory in directories:
+    try:
+      directory.rmdir()
+    except OSError:  # not empty (or gone): it and its parents stay
+      return
+
+
+def removed_temp_files(workdir) -> List[str]:
+  """The temporary files this process's claim of `workdir` removed."""
+  return list(_REMOVED.get(os.path.realpath(workdir), []))
+
+
+def is_claimed(workdir) -> bool:
+  """Whether a live process (this one included) holds `workdir`."""
+  return fileio.is_locked(workdir, LOCK_NAME)
 
 
 def software_versions() -> Dict[str, str]:

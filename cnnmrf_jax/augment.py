@@ -103,9 +103,15 @@ def _map_channels(image: np.ndarray, fn) -> np.ndarray:
                    for i in range(image.shape[-1])], axis=-1)
 
 
-def _rotate_and_crop(image: np.ndarray, degrees: float) -> np.ndarray:
+# PIL filters by name: bilinear for images, nearest for semantic maps
+# (labels must stay labels, never a blend of two).
+RESAMPLING = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def _rotate_and_crop(image: np.ndarray, degrees: float,
+                     resample: str = "bilinear") -> np.ndarray:
   rotated = _map_channels(
-      image, lambda im: im.rotate(degrees, resample=Image.BILINEAR,
+      image, lambda im: im.rotate(degrees, resample=RESAMPLING[resample],
                                   expand=True))
   crop_h, crop_w = rotated_size(image.shape[0], image.shape[1], degrees)
   top = (rotated.shape[0] - crop_h) // 2
@@ -113,10 +119,11 @@ def _rotate_and_crop(image: np.ndarray, degrees: float) -> np.ndarray:
   return rotated[top:top + crop_h, left:left + crop_w]
 
 
-def _scale(image: np.ndarray, factor: float) -> np.ndarray:
+def _scale(image: np.ndarray, factor: float,
+           resample: str = "bilinear") -> np.ndarray:
   height, width = scaled_size(image.shape[0], image.shape[1], factor)
-  return _map_channels(image,
-                       lambda im: im.resize((width, height), Image.BILINEAR))
+  return _map_channels(image, lambda im: im.resize(
+      (width, height), RESAMPLING[resample]))
 
 
 def _check_counts(num_rotations, num_scales) -> None:
@@ -128,7 +135,8 @@ def _check_counts(num_rotations, num_scales) -> None:
 
 
 def augment_style(image: np.ndarray, *, num_rotations: int = 0,
-                  num_scales: int = 0) -> List[np.ndarray]:
+                  num_scales: int = 0, resample: str = "bilinear"
+                  ) -> List[np.ndarray]:
   """Rotated and scaled copies of a style image (host side, PIL).
 
   As the reference: rotations by k * ROTATION_STEP degrees (counter-
@@ -141,24 +149,31 @@ def augment_style(image: np.ndarray, *, num_rotations: int = 0,
   inscribed rectangle here keeps a little more of each rotated copy.
 
   Args:
-    image: [H, W, 3] float32 RGB in [0, 1].
+    image: [H, W, 3] float32 RGB in [0, 1], or a semantic label map
+      [H, W, L] (any number of channels).
+    resample: 'bilinear' (images) or 'nearest' (semantic maps, whose copies
+      must match the image's copies region for region with labels intact);
+      the sizes are the same either way.
 
   Returns:
-    (2R + 1) * (2S + 1) float32 arrays [H_i, W_i, 3], rotation-major.
+    (2R + 1) * (2S + 1) float32 arrays [H_i, W_i, C], rotation-major.
   """
   image = np.asarray(image)
   if image.ndim != 3:
     raise ValueError(f"augment_style expects one image [H, W, 3], got shape "
                      f"{image.shape}")
   _check_counts(num_rotations, num_scales)
+  if resample not in RESAMPLING:
+    raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, got "
+                     f"{resample!r}")
   image = image.astype(np.float32)
   copies = []
   for r in range(-num_rotations, num_rotations + 1):
     degrees = r * ROTATION_STEP
-    rotated = image if r == 0 else _rotate_and_crop(image, degrees)
+    rotated = image if r == 0 else _rotate_and_crop(image, degrees, resample)
     for s in range(-num_scales, num_scales + 1):
       copies.append(rotated if s == 0 else
-                    _scale(rotated, SCALE_STEP ** s))
+                    _scale(rotated, SCALE_STEP ** s, resample))
   return copies
 
 

@@ -39,7 +39,8 @@ AXIS = "batch"  # the mesh axis the pairs are sharded over
 # computation at all, and must agree.
 PER_PAIR_FIELDS = ("content_image", "style_image", "style_blend_weights",
                    "init", "init_noise_std", "seed", "content_weight",
-                   "mrf_weight", "tv_weight", "style_weight")
+                   "mrf_weight", "tv_weight", "style_weight", "content_map",
+                   "style_map")
 
 
 def batch_key(config: config_lib.Config) -> config_lib.Config:
@@ -55,7 +56,8 @@ def batch_key(config: config_lib.Config) -> config_lib.Config:
       init="", init_noise_std=0.0, seed=0,
       content_weight=float(config.content_weight > 0),
       mrf_weight=(0.0,) * len(config.mrf_weight),
-      tv_weight=float(config.tv_weight > 0), style_weight=0.0)
+      tv_weight=float(config.tv_weight > 0), style_weight=0.0,
+      content_map="", style_map=())
 
 
 # ----------------------------------------------------------------------------

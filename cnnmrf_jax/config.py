@@ -17,7 +17,7 @@ from cnnmrf_jax import conv as conv_lib
 from cnnmrf_jax import patches
 from cnnmrf_jax import vgg
 
-MODES = ("transfer", "texture", "gatys")
+MODES = ("transfer", "texture", "gatys", "doodle")
 OPTIMIZERS = ("lbfgs", "optax_lbfgs", "adam")
 OUTPUT_MODES = ("stretch", "clip")
 DTYPES = ("float32", "bfloat16")
@@ -43,7 +43,9 @@ class Config:
   field's metadata holds its flag's help text (and choices)."""
   mode: str = _option(
       "transfer", "transfer: CNNMRF guided by --content_image; texture: "
-      "synthesis from --style_image alone; gatys: the Gram-matrix baseline.",
+      "synthesis from --style_image alone; gatys: the Gram-matrix baseline; "
+      "doodle: CNNMRF painting --content_map's regions with the style's "
+      "patches, from noise, no content image.",
       choices=MODES)
   content_image: str = _option(
       "", "Content image path or example:NAME (transfer and gatys modes).")
@@ -149,6 +151,19 @@ class Config:
   compilation_cache: str = _option(
       "", "Directory of JAX's persistent compilation cache: later runs of "
       "the same sizes skip compiling. Empty: off.")
+  # Semantic maps (Champandard 2016, "Semantic Style Transfer and Turning
+  # Two-Bit Doodles into Fine Artworks"; alexjc/neural-doodle): semantic.py.
+  content_map: str = _option(
+      "", "Semantic map of the content image (doodle: the canvas): colours "
+      "label regions. Empty: NAME_sem.png beside --content_image if there "
+      "is one.")
+  style_map: Tuple[str, ...] = _option(
+      (), "Semantic maps of the style images, one per --style_image, comma "
+      "separated. Empty: NAME_sem.png beside each style image.")
+  semantic_weight: float = _option(
+      10.0, "How much the maps count in the matching: the map part of a "
+      "patch's NCC counts sqrt(weight) relative to its features' "
+      "(neural-doodle's default 10); 0: maps unused.")
 
   # -- derived values --------------------------------------------------------
 
@@ -156,7 +171,7 @@ class Config:
   def resolved_init(self) -> str:
     if self.init:
       return self.init
-    return "noise" if self.mode == "texture" else "content"
+    return "noise" if self.mode in ("texture", "doodle") else "content"
 
   def iterations_per_level(self) -> Tuple[int, ...]:
     if len(self.num_iter) == 1:
@@ -207,9 +222,32 @@ class Config:
            "(a path or example:NAME; comma-separated for several)")
     if self.mode in ("transfer", "gatys") and not self.content_image:
       fail("content_image", f"--mode={self.mode} needs a content image")
-    if self.mode == "texture" and self.resolved_init == "content":
-      fail("init", "--mode=texture has no content image to start from; use "
-           "noise or an image path")
+    if self.mode in ("texture", "doodle") and self.resolved_init == "content":
+      fail("init", f"--mode={self.mode} has no content image to start from; "
+           "use noise or an image path")
+    if self.mode == "doodle":
+      if not self.content_map:
+        fail("content_map", "--mode=doodle needs a content map (the doodle "
+             "whose regions the result follows)")
+      if self.content_image:
+        fail("content_image", "--mode=doodle has no content image (the "
+             "--content_map is the canvas); use --mode=transfer to keep one")
+      if self.original_colors:
+        fail("original_colors", "--mode=doodle has no content image to take "
+             "colours from")
+      if self.semantic_weight == 0:
+        fail("semantic_weight", "--mode=doodle follows the map only through "
+             "the matching; expected a positive weight")
+    if self.mode in ("texture", "gatys"):
+      for flag in ("content_map", "style_map"):
+        if getattr(self, flag):
+          fail(flag, f"semantic maps are for --mode=transfer or doodle, not "
+               f"{self.mode}")
+    if self.style_map and len(self.style_map) != len(self.style_image):
+      fail("style_map", f"got {len(self.style_map)} maps for "
+           f"{len(self.style_image)} style images; expected one per "
+           "--style_image")
+    _check_finite("semantic_weight", [self.semantic_weight], nonnegative=True)
     for flag in ("max_size", "num_res", "patch_size", "style_stride",
                  "synth_stride", "history_size"):
       value = getattr(self, flag)
@@ -262,7 +300,7 @@ class Config:
         vgg.check_layers(layers, self.network, flag=flag)
       except ValueError as e:
         raise ConfigError(str(e)) from None
-    if self.mode in ("transfer", "texture") and not self.mrf_layers:
+    if self.mode in ("transfer", "texture", "doodle") and not self.mrf_layers:
       fail("mrf_layers", f"--mode={self.mode} needs at least one MRF layer")
     if self.mode == "gatys" and not self.style_layers:
       fail("style_layers", "--mode=gatys needs at least one style layer")

@@ -13,7 +13,7 @@ with E_s the MRF term (Eq. 2, `mrf_loss`), E_c the content term (Eq. 4,
 Gatys et al. (CVPR 2016), the baseline mode.
 """
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -32,7 +32,8 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
              weight: float, patch_size: int = 3, stride: int = 2,
              threshold: float = 0.0,
              chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
-             matching: str = "matmul", compute_dtype=None
+             matching: str = "matmul", compute_dtype=None,
+             synth_map: Optional[patches_lib.SynthesisMap] = None
              ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """MRF style loss of one layer (Eq. 2), as the reference applies it.
 
@@ -58,11 +59,18 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
     chunk_size, matching, compute_dtype: how the matching runs
       (`patches.match_map`: bank patches per step, 'matmul' or 'conv', the
       dtype of the score products); not what it computes.
+    synth_map: None, or the synthesis side's semantic map patches
+      (`patches.SynthesisMap`; the bank then carries the style's): they
+      steer which style patch is chosen (Champandard 2016) and nothing else:
+      the loss and its gradient are the same function of the chosen
+      patches, on the features alone.
 
   Returns:
-    (loss, stats); stats holds scalars 'mean_ncc' (mean score of the kept
-    matches, 0 when none), 'num_matched' (kept matches, int32) and
-    'num_distinct' (distinct bank patches among them, int32).
+    (loss, stats); stats holds scalars 'mean_ncc' (mean feature NCC of the
+    kept matches, 0 when none), 'num_matched' (kept matches, int32) and
+    'num_distinct' (distinct bank patches among them, int32); with
+    synth_map also 'label_agreement': the share of kept matches whose style
+    patch's label equals the synthesis patch's (0 when none).
   """
   _check_rank3(features, "mrf_loss: features")
   height, width, channels = features.shape
@@ -78,7 +86,7 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   indices, scores = patches_lib.match_map(
       lax.stop_gradient(features), bank, patch_size=patch_size,
       stride=stride, chunk_size=chunk_size, method=matching,
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, synth_map=synth_map)
   keep = (scores >= threshold) & (scores > -jnp.inf)
   targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
   summed, count = patches_lib.fold(targets, mask=keep, **fold_kw)
@@ -97,6 +105,11 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
       "num_matched": num_matched,
       "num_distinct": jnp.sum(used, dtype=jnp.int32),
   }
+  if synth_map is not None:
+    agree = keep & (jnp.take(bank.labels, indices) == synth_map.labels)
+    stats["label_agreement"] = (
+        jnp.sum(agree, dtype=jnp.float32) /
+        jnp.maximum(num_matched, 1).astype(jnp.float32))
   return loss, stats
 
 

@@ -26,6 +26,20 @@ over the leading axis with max, then the lowest index equal to the max, ran
 10-25 % faster than [P, chunk] with jnp.argmax in a round-robin comparison
 on this 2-core CPU; with 512-row chunks the scan was no slower than one
 unchunked matmul (whose [M, P] output falls out of cache).
+
+Semantic maps (Champandard 2016, "Semantic Style Transfer and Turning
+Two-Bit Doodles into Fine Artworks"; alexjc/neural-doodle) take part in the
+matching only: a bank built with `semantic_maps` carries the map part of
+every style patch as its own unit-normalised columns (`PatchBank.map_patches`)
+and a label per patch, and a `SynthesisMap` holds the synthesis side's map
+patches, unit-normalised and scaled by sqrt(semantic weight), constant per
+level. The score of style patch j for synthesis patch i is then
+
+    <p_i, t_j> / (|p_i| |t_j|) + sqrt(w) <m_i, n_j> / (|m_i| |n_j|),
+
+the feature NCC plus the map NCC (m, n the map parts), so the map part
+counts sqrt(w) relative to the features; without a SynthesisMap (w = 0) the
+matching is the plain NCC above, computed by exactly the same operations.
 """
 
 import math
@@ -229,10 +243,31 @@ class PatchBank(NamedTuple):
     inv_norms: [M] 1 / |Psi_j|, 0 where the patch is all zero.
     valid: [M] bool, False for all-zero patches, which are never matched
       (their NCC is 0/0 in the reference).
+    map_patches: None, or [M, Dm] the style patches' semantic-map part
+      (Dm = k * k * L for L label channels), each of unit norm (0 where the
+      map is all zero); matching only, never a target.
+    labels: None, or [M] int32, the label of each patch's centre cell.
   """
   patches: jnp.ndarray
   inv_norms: jnp.ndarray
   valid: jnp.ndarray
+  map_patches: Optional[jnp.ndarray] = None
+  labels: Optional[jnp.ndarray] = None
+
+
+class SynthesisMap(NamedTuple):
+  """The synthesis side's semantic-map patches at one layer and level.
+
+  Constant during a level (the content map does not change), so the MRF
+  term builds it once with its targets (`synthesis_map`).
+
+  Attributes:
+    patches: [P, Dm] map patches on the synthesis grid, each of unit norm
+      times sqrt(semantic weight).
+    labels: [P] int32, the label of each patch's centre cell.
+  """
+  patches: jnp.ndarray
+  labels: jnp.ndarray
 
 
 def bank_size(shapes: Sequence[Sequence[int]], patch_size: int = 3,
@@ -243,11 +278,17 @@ def bank_size(shapes: Sequence[Sequence[int]], patch_size: int = 3,
 
 
 def build_bank(feature_maps: Sequence[jnp.ndarray], *, patch_size: int = 3,
-               stride: int = 2) -> PatchBank:
+               stride: int = 2,
+               semantic_maps: Optional[Sequence[np.ndarray]] = None
+               ) -> PatchBank:
   """Patches of every style map (augmented copy or style image), normalised.
 
   Args:
     feature_maps: sequence of [H_i, W_i, C] (sizes may differ, C may not).
+    semantic_maps: None, or one label map [H_i, W_i, L] per feature map (its
+      semantic map at the layer's resolution, `semantic.layer_map`): the
+      bank then carries their patches, normalised apart from the features'
+      (`map_patches`), and a label per patch (`labels`).
 
   Returns:
     PatchBank with M = bank_size(shapes) patches, map by map in order.
@@ -260,8 +301,61 @@ def build_bank(feature_maps: Sequence[jnp.ndarray], *, patch_size: int = 3,
   if len(channels) != 1:
     raise ValueError(f"build_bank: all style maps must have the same number "
                      f"of channels, got {sorted(channels)}")
-  return _build_bank_jit(list(feature_maps), patch_size=patch_size,
+  bank = _build_bank_jit(list(feature_maps), patch_size=patch_size,
                          stride=stride)
+  if semantic_maps is None:
+    return bank
+  if len(semantic_maps) != len(feature_maps):
+    raise ValueError(f"build_bank: {len(semantic_maps)} semantic maps for "
+                     f"{len(feature_maps)} feature maps")
+  for i, (f, m) in enumerate(zip(feature_maps, semantic_maps)):
+    if tuple(m.shape[:2]) != tuple(f.shape[:2]) or m.ndim != 3:
+      raise ValueError(f"build_bank: semantic_maps[{i}] has shape {m.shape}, "
+                       f"expected [{f.shape[0]}, {f.shape[1]}, L]")
+  unit, labels = zip(*(map_patches(m, patch_size=patch_size, stride=stride)
+                       for m in semantic_maps))
+  return bank._replace(map_patches=jnp.concatenate(unit, axis=0),
+                       labels=jnp.concatenate(labels, axis=0))
+
+
+def map_patches(label_map: np.ndarray, *, patch_size: int = 3,
+                stride: int = 2) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Unit-normalised patches of a label map and their centre labels.
+
+  Args:
+    label_map: [H, W, L] a semantic map at a layer's resolution (label
+      fractions per cell).
+
+  Returns:
+    (patches [P, k*k*L] float32, each of unit norm or all zero where the map
+    is, labels [P] int32: the argmax over L of the patch's centre cell), on
+    the stride-plus-tail grid.
+  """
+  label_map = jnp.asarray(label_map, jnp.float32)
+  _check_map(label_map, "label_map")
+  flat = extract_patches(label_map, patch_size=patch_size, stride=stride)
+  sq_norms = jnp.sum(jnp.square(flat), axis=1, keepdims=True)
+  has_norm = sq_norms > 0
+  unit = flat * jnp.where(has_norm, lax.rsqrt(jnp.where(has_norm, sq_norms,
+                                                        1)), 0)
+  centre = (patch_size // 2) * patch_size + patch_size // 2
+  channels = label_map.shape[-1]
+  labels = jnp.argmax(flat.reshape(-1, patch_size * patch_size, channels)
+                      [:, centre], axis=1).astype(jnp.int32)
+  return unit, labels
+
+
+def synthesis_map(label_map: np.ndarray, *, weight: float,
+                  patch_size: int = 3, stride: int = 2) -> SynthesisMap:
+  """The synthesis side's `SynthesisMap` of a label map [H, W, L] at one
+  layer: its unit patches times sqrt(weight), so that in the matching the
+  map part counts sqrt(weight) relative to the (unit) feature part."""
+  if not math.isfinite(weight) or weight < 0:
+    raise ValueError(f"semantic weight must be finite and >= 0, got "
+                     f"{weight!r}")
+  unit, labels = map_patches(label_map, patch_size=patch_size, stride=stride)
+  return SynthesisMap(patches=unit * np.float32(math.sqrt(weight)),
+                      labels=labels)
 
 
 def _build_bank_impl(feature_maps, patch_size, stride):
@@ -337,15 +431,30 @@ def _check_compute_dtype(compute_dtype) -> None:
                      f"{compute_dtype!r}")
 
 
+def _semantic_scores(dots, inv_norms, valid, synth_inv_norms, map_block,
+                     synth_map):
+  """[c, P] combined scores of c bank patches: the feature NCC
+  <p, t> / (|p| |t|) plus the map part <m, n> (n unit, m unit times
+  sqrt(w): `SynthesisMap`). Invalid bank rows score -inf."""
+  map_dots = lax.dot_general(map_block.astype(dots.dtype),
+                             synth_map.astype(dots.dtype),
+                             (((1,), (1,)), ((), ())),
+                             preferred_element_type=dots.dtype)
+  return jnp.where(valid[:, None], dots * inv_norms[:, None] *
+                   synth_inv_norms[None, :] + map_dots, -jnp.inf)
+
+
 def _scan_bank(dots_of, bank: PatchBank, num_p: int, chunk_size: int,
-               dtype) -> Tuple[jnp.ndarray, jnp.ndarray]:
+               dtype, semantic=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Running max and argmax of <p, t_j> / |t_j| over chunks of the bank.
 
   dots_of(block [c, D], start) -> [c, P] raw dot products in `dtype`.
   Memory grows with chunk_size * P, not M * P. The last partial chunk is
   scored outside the loop instead of padding the bank (padding to a round
   size costs as much as the extra rows). Returns ([P] best, [P] int32
-  index), ties to the lowest bank index.
+  index), ties to the lowest bank index. semantic: None, or
+  (synth_inv_norms [P], synth map patches [P, Dm]): the scores are then
+  the combined ones of `_semantic_scores` (|p| already applied).
   """
   m = bank.patches.shape[0]
   chunk = min(int(chunk_size), m)
@@ -356,8 +465,15 @@ def _scan_bank(dots_of, bank: PatchBank, num_p: int, chunk_size: int,
     block = lax.dynamic_slice_in_dim(bank.patches, start, size, 0)
     inv = lax.dynamic_slice_in_dim(bank.inv_norms, start, size, 0)
     valid = lax.dynamic_slice_in_dim(bank.valid, start, size, 0)
-    score, index = _block_best(_normalise_scores(
-        dots_of(block, start), inv.astype(dtype), valid))
+    if semantic is None:
+      scores = _normalise_scores(dots_of(block, start), inv.astype(dtype),
+                                 valid)
+    else:
+      map_block = lax.dynamic_slice_in_dim(bank.map_patches, start, size, 0)
+      scores = _semantic_scores(dots_of(block, start), inv.astype(dtype),
+                                valid, semantic[0].astype(dtype), map_block,
+                                semantic[1])
+    score, index = _block_best(scores)
     # Strictly greater: an earlier chunk keeps its tie.
     better = score > best
     return (jnp.where(better, score, best),
@@ -387,8 +503,45 @@ def _finish(best, best_index, sq_norms):
   return jnp.where(matched, best_index, 0), scores
 
 
+def _inv_norms(sq_norms):
+  has_norm = sq_norms > 0
+  return jnp.where(has_norm, lax.rsqrt(jnp.where(has_norm, sq_norms, 1)), 0)
+
+
+def _check_semantic(bank: PatchBank, synth_map: Optional[SynthesisMap],
+                    num_p: int) -> None:
+  if synth_map is None:
+    return
+  if bank.map_patches is None or bank.labels is None:
+    raise ValueError("a SynthesisMap was given but the bank has no semantic "
+                     "maps (build_bank(..., semantic_maps=...))")
+  if synth_map.patches.ndim != 2 or synth_map.patches.shape[0] != num_p:
+    raise ValueError(f"the SynthesisMap has patches {synth_map.patches.shape}"
+                     f", expected [{num_p}, Dm] for {num_p} synthesis patches")
+  if synth_map.patches.shape[1] != bank.map_patches.shape[1]:
+    raise ValueError(f"map patch length mismatch: synthesis Dm="
+                     f"{synth_map.patches.shape[1]}, bank Dm="
+                     f"{bank.map_patches.shape[1]} (maps with different "
+                     "label counts?)")
+
+
+def _finish_semantic(best, best_index, patches, bank):
+  """The combined scan's result as `_finish`'s: indices, and the feature
+  NCC of the chosen patch (so that scores, thresholds and mean NCC mean
+  what they mean without maps); all-zero synthesis patches are
+  unmatched."""
+  inv_p = _inv_norms(jnp.sum(jnp.square(patches), axis=1))
+  chosen = jnp.take(bank.patches, best_index, axis=0).astype(patches.dtype)
+  ncc = (jnp.sum(chosen * patches, axis=1) * inv_p *
+         jnp.take(bank.inv_norms, best_index).astype(patches.dtype))
+  matched = (inv_p > 0) & (best > -jnp.inf)
+  return (jnp.where(matched, best_index, 0),
+          jnp.where(matched, ncc, -jnp.inf))
+
+
 def match(patches: jnp.ndarray, bank: PatchBank, *,
-          chunk_size: int = DEFAULT_CHUNK_SIZE, compute_dtype=None
+          chunk_size: int = DEFAULT_CHUNK_SIZE, compute_dtype=None,
+          synth_map: Optional[SynthesisMap] = None
           ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Nearest style patch by normalised cross-correlation (Eq. 3).
 
@@ -405,6 +558,10 @@ def match(patches: jnp.ndarray, bank: PatchBank, *,
       dtype); they accumulate in the patches' dtype. bfloat16 halves the
       traffic on accelerators (and ran 2x faster on an AVX512-BF16 CPU), at
       the cost of near-ties going either way.
+    synth_map: None, or the synthesis patches' `SynthesisMap` (the bank
+      then needs its map part): the argmax is over feature NCC plus map
+      NCC times sqrt(w); the scores returned are still the feature NCC of
+      the chosen patch.
 
   Returns:
     indices [P] int32 into the bank and scores [P] (the NCC, in the patches'
@@ -414,6 +571,7 @@ def match(patches: jnp.ndarray, bank: PatchBank, *,
   _check_bank(patches, bank)
   _check_chunk_size(chunk_size)
   _check_compute_dtype(compute_dtype)
+  _check_semantic(bank, synth_map, patches.shape[0])
   dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
   patches = patches.astype(dtype)
   operand = patches.astype(compute_dtype or dtype)
@@ -424,6 +582,12 @@ def match(patches: jnp.ndarray, bank: PatchBank, *,
                            (((1,), (1,)), ((), ())),
                            preferred_element_type=dtype)
 
+  if synth_map is not None:
+    semantic = (_inv_norms(jnp.sum(jnp.square(patches), axis=1)),
+                synth_map.patches)
+    best, best_index = _scan_bank(dots_of, bank, patches.shape[0],
+                                  chunk_size, dtype, semantic)
+    return _finish_semantic(best, best_index, patches, bank)
   best, best_index = _scan_bank(dots_of, bank, patches.shape[0], chunk_size,
                                 dtype)
   return _finish(best, best_index, jnp.sum(jnp.square(patches), axis=1))
@@ -466,7 +630,8 @@ def _grid_conv(features, filters, patch_size, stride, dtype):
 
 def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
               stride: int = 2, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              method: str = "matmul", compute_dtype=None
+              method: str = "matmul", compute_dtype=None,
+              synth_map: Optional[SynthesisMap] = None
               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """`match` of every patch on the stride-plus-tail grid of a feature map.
 
@@ -485,6 +650,7 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
     bank: PatchBank of [M, k*k*C] patches.
     method: 'matmul' or 'conv'.
     compute_dtype: see `match`.
+    synth_map: see `match`: a `SynthesisMap` on this grid, or None.
 
   Returns:
     (indices [P] int32, scores [P]) as `match`, P = num_patches(H, W, ...).
@@ -496,12 +662,13 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
   if method == "matmul":
     synth = extract_patches(features, patch_size=patch_size, stride=stride)
     return match(synth, bank, chunk_size=chunk_size,
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype, synth_map=synth_map)
   height, width, channels = features.shape
   num_p = num_patches(height, width, patch_size, stride)
   _check_bank(np.empty((0, patch_size * patch_size * channels)), bank)
   _check_chunk_size(chunk_size)
   _check_compute_dtype(compute_dtype)
+  _check_semantic(bank, synth_map, num_p)
   dtype = jnp.result_type(features.dtype, bank.patches.dtype)
   features = features.astype(dtype)
   operand = features.astype(compute_dtype or dtype)
@@ -512,10 +679,16 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
         -1, patch_size, patch_size, channels).transpose(1, 2, 3, 0)
     return _grid_conv(operand, filters, patch_size, stride, dtype).T
 
-  best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype)
   # |p|^2 of each grid patch from the channel sums of squares, a [H, W, 1]
   # map: the patches themselves are never extracted.
   sq_map = jnp.sum(jnp.square(features), axis=-1, keepdims=True)
   sq_norms = jnp.sum(extract_patches(sq_map, patch_size=patch_size,
                                      stride=stride), axis=1)
+  if synth_map is not None:
+    best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype,
+                                  (_inv_norms(sq_norms), synth_map.patches))
+    # The chosen patches' feature NCC needs the synthesis patches once.
+    return _finish_semantic(best, best_index, extract_patches(
+        features, patch_size=patch_size, stride=stride), bank)
+  best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype)
   return _finish(best, best_index, sq_norms)

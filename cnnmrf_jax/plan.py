@@ -101,6 +101,20 @@ def output_size(config: config_lib.Config, sizes: InputSizes) -> Size:
   return fit_long_side(h, w, config.max_size)
 
 
+def check_map_size(flag: str, path: str, map_size: Size, image_size: Size
+                   ) -> None:
+  """Raises ConfigError naming the flag unless a semantic map of map_size
+  can be resized to its image's image_size: the aspect ratios must agree
+  to within a pixel of rounding (then semantic.py resizes it)."""
+  (mh, mw), (ih, iw) = map_size, image_size
+  # Resizing the map's width to the image's gives a height within 1 px.
+  if abs(mh * iw / mw - ih) <= 1 or abs(mw * ih / mh - iw) <= 1:
+    return
+  raise config_lib.ConfigError(
+      f"--{flag}: {path} is {mh}x{mw} px, its image {ih}x{iw}: the aspect "
+      "ratios differ; expected a map of the image's size or shape")
+
+
 def style_size(config: config_lib.Config, style: Size, scale: float) -> Size:
   """(H, W) of a style image at a level of `scale` (1/2**k).
 
@@ -236,7 +250,7 @@ def make(config: config_lib.Config, inputs: Sequence[InputSizes]) -> Plan:
         LayerPlan(l, vgg.map_size(*size, l, config.network),
                   vgg.channels_of(l, config.network)) for l in layers)
     mrf_plans = []
-    if config.mode in ("transfer", "texture"):
+    if config.mode in ("transfer", "texture", "doodle"):
       for layer in config.mrf_layers:
         synth = vgg.map_size(*size, layer, config.network)
         grid = (0, 0)
@@ -308,7 +322,8 @@ def check_sizes(config: config_lib.Config, run_plan: Plan) -> None:
   the synthesis image's or a style copy's, at any MRF layer and level."""
   coarsest = run_plan.levels[0]
   first = run_plan.inputs[0]
-  flag = "style_image" if config.mode == "texture" else "content_image"
+  flag = {"texture": "style_image", "doodle": "content_map"}.get(
+      config.mode, "content_image")
   small = _too_small(config, coarsest.size)
   if small:
     source = first.styles[0] if config.mode == "texture" else first.content

@@ -456,6 +456,9 @@ class _Runner:
     logging.info("running %d point(s): %s", len(loaded), names)
     try:
       inputs = self.batch.concat([i for _, _, i in loaded])
+      # Pairs with semantic maps: one label count for the batch.
+      from cnnmrf_jax import semantic  # pylint: disable=g-import-not-at-top
+      semantic.equalize_labels(inputs.extras)
       # A batch that breaks a size rule or would not fit in memory fails
       # here, before any work, and falls back to its points one by one.
       run_plan = self.plan.make(loaded[0][1], inputs.sizes())

@@ -35,6 +35,7 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import optim
 from cnnmrf_jax import plan as plan_lib
+from cnnmrf_jax import semantic
 from cnnmrf_jax import solve
 from cnnmrf_jax import targets as targets_lib
 from cnnmrf_jax import terms as terms_lib
@@ -264,7 +265,7 @@ def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
       if level.index + 1 < len(run_plan.levels):  # the last ends in results
         writer.save_checkpoint(level.index, level.num_iter, x, state)
   rgb = synthesizer.rgb(x)[:num_pairs]
-  if config.original_colors and config.mode != "texture":
+  if config.original_colors and config.mode in ("transfer", "gatys"):
     contents = np.stack([np.asarray(image_io.resize(
         c, *run_plan.output_size, method="torch")) for c in inputs.contents])
     rgb = np.asarray(image_io.match_luminance(rgb, contents))
@@ -325,7 +326,22 @@ def load_inputs(config: config_lib.Config) -> Inputs:
   init_image = None
   if config.resolved_init not in config_lib.INITS:
     init_image = read(config.resolved_init, "init")
-  return Inputs(contents=[content], styles=[styles], init_images=[init_image])
+  extras = None
+  map_paths, notes = semantic.find(config)
+  for note in notes:
+    logging.info("%s", note)
+  if map_paths is not None:
+    maps, notes = semantic.load(
+        map_paths, None if content is None else content.shape[:2],
+        [s.shape[:2] for s in styles])
+    for note in notes:
+      if note.startswith("WARNING "):
+        logging.warning("%s", note[len("WARNING "):])
+      else:
+        logging.info("%s", note)
+    extras = [maps]
+  return Inputs(contents=[content], styles=[styles], init_images=[init_image],
+                extras=extras)
 
 
 def run(config: config_lib.Config, workdir: Optional[str] = None, *,
@@ -342,9 +358,26 @@ def run(config: config_lib.Config, workdir: Optional[str] = None, *,
   """
   config.validate()
   if pairs:
-    inputs = batch.concat([load_inputs(config_lib.replace(
+    if config.mode == "doodle":
+      raise config_lib.ConfigError("--pairs: --mode=doodle runs one map at "
+                                   "a time")
+    if config.content_map or config.style_map:
+      raise config_lib.ConfigError(
+          "--content_map: with --pairs every pair's maps are found as "
+          f"NAME{semantic.SUFFIX} beside its images; drop --content_map and "
+          "--style_map")
+    parts = [load_inputs(config_lib.replace(
         config, content_image=content, style_image=tuple(styles)))
-                           for content, styles in pairs])
+             for content, styles in pairs]
+    with_maps = [p.extras is not None for p in parts]
+    if any(with_maps) and not all(with_maps):
+      raise config_lib.ConfigError(
+          f"--pairs: pair {with_maps.index(not with_maps[0])} "
+          f"{'has no' if with_maps[0] else 'has'} semantic maps and pair 0 "
+          f"{'has' if with_maps[0] else 'has none'}; one batch needs maps "
+          "for every pair or for none")
+    inputs = batch.concat(parts)
+    semantic.equalize_labels(inputs.extras)
   else:
     inputs = load_inputs(config)
   # Every size rule first: a too small image, pairs of different sizes or

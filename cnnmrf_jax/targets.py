@@ -33,7 +33,8 @@ class Inputs:
     (images, init, seed, loss weights), and each pair then starts from the
     noise a single run of its own config would draw.
   extras: None, or N dicts of per-pair inputs of terms beyond the images
-    (`terms.PairLevel.extras`).
+    (`terms.PairLevel.extras`); semantic maps are 'content_map' and
+    'style_maps' there (`semantic.load`).
   """
   contents: List[Optional[np.ndarray]]
   styles: List[List[np.ndarray]]
@@ -50,10 +51,13 @@ class Inputs:
     """Every pair's `plan.InputSizes`."""
     from cnnmrf_jax import plan  # pylint: disable=g-import-not-at-top
     shape = lambda a: None if a is None else tuple(a.shape[:2])
-    return [plan.InputSizes(shape(c), tuple(shape(s) for s in styles),
-                            shape(i))
-            for c, styles, i in zip(self.contents, self.styles,
-                                    self.init_images)]
+    extras = self.extras or [{}] * len(self.styles)
+    # Doodle mode: no content image; the content map is the canvas.
+    return [plan.InputSizes(shape(c if c is not None
+                                  else e.get("content_map")),
+                            tuple(shape(s) for s in styles), shape(i))
+            for c, styles, i, e in zip(self.contents, self.styles,
+                                       self.init_images, extras)]
 
 
 def level_targets(config: config_lib.Config, run_plan: Any, level: Any,

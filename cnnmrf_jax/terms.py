@@ -32,6 +32,7 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import losses
 from cnnmrf_jax import patches
+from cnnmrf_jax import semantic
 
 Scalars = Dict[str, jnp.ndarray]
 
@@ -165,7 +166,7 @@ def _scalar(value: float) -> np.ndarray:
 
 
 def _mrf_active(config):
-  return config.mode in ("transfer", "texture")
+  return config.mode in ("transfer", "texture", "doodle")
 
 
 def _mrf_weights(config):
@@ -179,19 +180,40 @@ def _pad_bank(bank: patches.PatchBank, size: int) -> patches.PatchBank:
   missing = size - bank.patches.shape[0]
   if missing == 0:
     return bank
-  return patches.PatchBank(
+  padded = patches.PatchBank(
       patches=jnp.pad(bank.patches, ((0, missing), (0, 0))),
       inv_norms=jnp.pad(bank.inv_norms, (0, missing)),
       valid=jnp.pad(bank.valid, (0, missing)))
+  if bank.map_patches is None:
+    return padded
+  return padded._replace(
+      map_patches=jnp.pad(bank.map_patches, ((0, missing), (0, 0))),
+      labels=jnp.pad(bank.labels, (0, missing)))
+
+
+def _uses_maps(pair: PairLevel) -> bool:
+  """Whether the pair has semantic maps and they count (weight > 0); at
+  weight 0 the targets, and so the matching, are exactly those without."""
+  return (pair.config.semantic_weight > 0 and
+          pair.extras.get("style_maps") is not None)
 
 
 def _mrf_build(pair: PairLevel):
-  """{layer: PatchBank} of every copy of every style image at this level."""
+  """{layer: PatchBank} of every copy of every style image at this level.
+
+  With semantic maps (`_uses_maps`) each bank also carries its patches' map
+  part (each style map resized and augmented with its image), and the
+  targets gain 'synthesis_maps': {layer: patches.SynthesisMap}, the content
+  map's patches on the synthesis grid, constant for the level.
+  """
   config = pair.config
+  with_maps = _uses_maps(pair)
   maps = collections.defaultdict(list)
+  label_maps = collections.defaultdict(list)
   planned = pair.level.copies[pair.pair]
   made = []
-  for style, size in zip(pair.styles, pair.level.styles[pair.pair]):
+  for index, (style, size) in enumerate(zip(pair.styles,
+                                            pair.level.styles[pair.pair])):
     resized = np.asarray(image_io.resize(style, *size, method="torch"))
     copies = augment.augment_style(resized,
                                    num_rotations=config.num_rotations,
@@ -201,12 +223,31 @@ def _mrf_build(pair: PairLevel):
       copy_features = pair.features(copy)
       for layer in config.mrf_layers:
         maps[layer].append(copy_features[layer])
+    if with_maps:
+      map_copies = semantic.style_copies(
+          pair.extras["style_maps"][index], size,
+          num_rotations=config.num_rotations, num_scales=config.num_scales)
+      augment.check_copy_sizes(map_copies, [c.shape[:2] for c in copies])
+      for copy in map_copies:
+        for layer in config.mrf_layers:
+          label_maps[layer].append(
+              semantic.layer_map(copy, layer, config.network))
   augment.check_copy_sizes(made, planned)
   sizes = {m.layer: m.bank_size for m in pair.level.mrf}
-  return {layer: _pad_bank(patches.build_bank(
+  targets = {layer: _pad_bank(patches.build_bank(
       maps[layer], patch_size=config.patch_size,
-      stride=config.style_stride), sizes[layer])
-          for layer in config.mrf_layers}
+      stride=config.style_stride,
+      semantic_maps=label_maps[layer] if with_maps else None), sizes[layer])
+             for layer in config.mrf_layers}
+  if with_maps:
+    canvas = semantic.level_map(pair.extras["content_map"], pair.level.size)
+    targets["synthesis_maps"] = {
+        layer: patches.synthesis_map(
+            semantic.layer_map(canvas, layer, config.network),
+            weight=config.semantic_weight, patch_size=config.patch_size,
+            stride=config.synth_stride)
+        for layer in config.mrf_layers}
+  return targets
 
 
 def chunk_kwargs(config) -> Dict[str, Any]:
@@ -218,14 +259,16 @@ def chunk_kwargs(config) -> Dict[str, Any]:
   return kwargs
 
 
-def _mrf_loss(config, x, features, banks, weights):
+def _mrf_loss(config, x, features, targets, weights):
   del x
   values, stats = {}, {}
-  for layer, bank in banks.items():
+  synthesis_maps = targets.get("synthesis_maps", {})
+  for layer in config.mrf_layers:
     value, layer_stats = losses.mrf_loss(
-        features[layer], bank, weight=weights[layer],
+        features[layer], targets[layer], weight=weights[layer],
         patch_size=config.patch_size, stride=config.synth_stride,
-        threshold=config.confidence_threshold, **chunk_kwargs(config))
+        threshold=config.confidence_threshold,
+        synth_map=synthesis_maps.get(layer), **chunk_kwargs(config))
     values[layer] = value
     for name, stat in layer_stats.items():
       stats[f"{name}_{layer}"] = stat

@@ -7,6 +7,7 @@ import sys
 
 from absl import flags
 import numpy as np
+from PIL import Image
 import pytest
 
 from cnnmrf_jax import config as config_lib
@@ -42,8 +43,16 @@ def test_flag_file_parses_and_its_run_starts(path, tiny_images, random_vgg19,
                                              tmp_path):
   text = path.read_text()
   assert text.startswith("#") and "python -m cnnmrf_jax" in text
-  config = parse([f"--flagfile={path}", f"--content_image="
-                  f"{tiny_images['content']}",
+  images = [f"--content_image={tiny_images['content']}"]
+  if "--mode=doodle" in text:  # a two-colour map instead of the content
+    images = []
+    for name, (height, width) in (("content_map", (40, 48)),
+                                  ("style_map", (44, 40))):
+      colours = np.zeros((height, width, 3), np.uint8)
+      colours[:, width // 2:] = 255
+      Image.fromarray(colours).save(tmp_path / f"{name}.png")
+      images.append(f"--{name}={tmp_path / f'{name}.png'}")
+  config = parse([f"--flagfile={path}", *images,
                   f"--style_image={tiny_images['style']}"] + TINY)
   result = synthesize.run(config, str(tmp_path), params=random_vgg19[0],
                           convention=random_vgg19[1])

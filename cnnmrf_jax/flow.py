@@ -41,6 +41,7 @@ FlowFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
 PRESET_FLAG = "--flow_preset"
 # DIS presets, fastest first (cv2.DISOPTICAL_FLOW_PRESET_*).
 PRESETS = ("ultrafast", "fast", "medium")
+_MIN_DIS_SIZE = 16
 
 # consistencyChecker.cpp constants: the disocclusion test
 # |w~ + w^|^2 >= 0.01 (|w~|^2 + |w^|^2) + 0.5 and the motion-boundary test
@@ -118,8 +119,16 @@ def dis_flow(frame_a: np.ndarray, frame_b: np.ndarray, *,
   if gray_a.shape != gray_b.shape:
     raise ValueError(f"frames of different sizes {gray_a.shape} and "
                      f"{gray_b.shape}")
+  height, width = gray_a.shape
+  # DIS refuses frames under about 12 px a side; tiny frames (tests, the
+  # coarsest levels) are edge-padded to _MIN_DIS_SIZE and the flow cropped.
+  pad = ((0, max(0, _MIN_DIS_SIZE - height)),
+         (0, max(0, _MIN_DIS_SIZE - width)))
+  if pad[0][1] or pad[1][1]:
+    gray_a = np.pad(gray_a, pad, mode="edge")
+    gray_b = np.pad(gray_b, pad, mode="edge")
   flow = _dis(preset).calc(gray_a, gray_b, None)
-  return np.asarray(flow, np.float32)
+  return np.ascontiguousarray(flow[:height, :width], np.float32)
 
 
 # ----------------------------------------------------------------------------

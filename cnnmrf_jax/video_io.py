@@ -26,7 +26,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Union
 
 import numpy as np
 from PIL import Image

@@ -239,6 +239,9 @@ def test_dis_presets_and_bad_preset():
   frame = texture(48, 64)
   for preset in flow.PRESETS:
     assert flow.dis_flow(frame, frame, preset=preset).shape == (48, 64, 2)
+  tiny = texture(6, 40)  # under DIS's minimum size: padded, then cropped
+  moved = np.asarray(flow.dis_flow(tiny, tiny))
+  assert moved.shape == (6, 40, 2) and np.abs(moved).max() < 1e-3
   with pytest.raises(flow.FlowError, match="--flow_preset"):
     flow.dis_flow(frame, frame, preset="slow")
   with pytest.raises(ValueError, match="different sizes"):

@@ -153,7 +153,8 @@ def _record(level, iteration, value, aux, seconds,
 def _log_progress(record, num_iter, seconds):
   losses_text = " ".join(
       f"{k}={np.mean(v):.4g}" for k, v in record.items()
-      if k == "loss" or k.startswith(("mrf_", "content_", "gram_", "tv")))
+      if k == "loss" or k.startswith(("mrf_", "content_", "gram_", "tv",
+                                      "temporal")))
   left = (num_iter - record["iter"]) * seconds
   logging.info("level %d iter %d/%d %s | %.2f s/iter, %.0f s left in level",
                record["level"] + 1, record["iter"], num_iter, losses_text,

@@ -374,7 +374,8 @@ def run(config: config_lib.Config, options: VideoOptions, workdir: str, *,
     logging.info("frames 2-%d: %s", len(clip), later_plan.table())
 
   if params is None:
-    from cnnmrf_jax import weights as weights_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from cnnmrf_jax import weights as weights_lib
     params, convention = weights_lib.load_params(
         config.weights or None, network=config.network)
   synthesizers = {}
@@ -429,7 +430,7 @@ def run(config: config_lib.Config, options: VideoOptions, workdir: str, *,
         del results[old]
       record = _frame_record(t, len(clip), result, t0, flow_wait,
                              timed.seconds.get(t, 0.0), temporal_in,
-                             out, at_size, config)
+                             out, at_size)
       records.append(record)
       out.write_records(records)
   written = np.stack([_read_png(out.frame_png(t)) for t in range(len(clip))])
@@ -497,7 +498,7 @@ def _read_png(path) -> np.ndarray:
 
 
 def _frame_record(t, num_frames, result, t0, flow_wait, flow_seconds,
-                  temporal_in, out, at_size, config):
+                  temporal_in, out, at_size):
   """video_log.jsonl's record of frame t, and its log line."""
   from cnnmrf_jax import temporal  # pylint: disable=g-import-not-at-top
   seconds = time.perf_counter() - t0
@@ -521,12 +522,13 @@ def _frame_record(t, num_frames, result, t0, flow_wait, flow_seconds,
         [at_size[t - 1], at_size[t]], backward, weights))
     record.update(temporal_error=error, content_temporal_error=content_error,
                   reliable=float(np.mean(np.asarray(weights))))
-    text = (f", temporal error {error:.3g} ({error / max(content_error, 1e-12):.2f}x "
-            f"the content's), flow {flow_seconds:.2f} s "
-            f"({'overlapped' if flow_wait < 0.5 * max(flow_seconds, 1e-9) else 'waited %.2f s' % flow_wait})")
+    ratio = error / max(content_error, 1e-12)
+    overlap = ("overlapped" if flow_wait < 0.5 * max(flow_seconds, 1e-9)
+               else f"waited {flow_wait:.2f} s")
+    text = (f", temporal error {error:.3g} ({ratio:.2f}x the content's), "
+            f"flow {flow_seconds:.2f} s ({overlap})")
   logging.info("frame %d/%d done in %.1f s%s", t + 1, num_frames, seconds,
                text)
-  del config
   return record
 
 
@@ -637,7 +639,8 @@ def parse_argv(argv: Sequence[str], values: flags.FlagValues) -> List[str]:
   """cli.parse_argv with the video flags in --help too."""
   if any(a in ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
          for a in argv[1:]):
-    print(f"{cli.help_text(USAGE, values)}\n{values.module_help(_FLAGS_MODULE)}")
+    print(cli.help_text(USAGE, values))
+    print(values.module_help(_FLAGS_MODULE))
     sys.exit(0)
   return cli.parse_argv(list(argv), USAGE, values)
 

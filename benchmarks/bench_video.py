@@ -59,8 +59,10 @@ def _parse_args(argv):
   parser.add_argument("--num_iter", type=int, default=50,
                       help="frame 1's iterations per level")
   parser.add_argument("--video_num_iter", type=int, default=50)
+  # The video command's default is for 384 px; the weight scales with the
+  # pixel count (cnnmrf_jax/video.py), so 3e3 at the default 128 px.
   parser.add_argument("--temporal_weight", type=float, nargs="+",
-                      default=[video.DEFAULT_TEMPORAL_WEIGHT])
+                      default=[3e3])
   parser.add_argument("--timing_size", type=int, default=0,
                       help="also time frames after the first at this size")
   parser.add_argument("--timing_frames", type=int, default=4)
@@ -185,7 +187,8 @@ def main(argv=None):
     if args.timing_size:
       workdir = scratch / "timing"
       config = _config(args, args.timing_size,
-                       num_iter=(args.timing_first_iter,))
+                       num_iter=(args.timing_first_iter,),
+                       temporal_weight=video.DEFAULT_TEMPORAL_WEIGHT)
       result = video.run(config, video.VideoOptions(
           args.clip, max_frames=args.timing_frames), str(workdir),
                          params=params, convention=convention)

@@ -71,10 +71,14 @@ usage: python -m cnnmrf_jax.video --flagfile=configs/video.flags \\
            [--frames=START:STOP[:STEP]] [--max_frames=N] [--side_by_side]"""
 
 # temporal_weight of the video command when no flag sets it (the Config's
-# own default, 0, keeps image runs free of the term). Chosen against the
-# MRF and content energies of configs/video.flags with the real weights:
-# benchmarks/bench_video.py prints what it does to flicker and style.
-DEFAULT_TEMPORAL_WEIGHT = 0.1
+# own default, 0, keeps image runs free of the term), for configs/
+# video.flags at 384 px with the real weights. The temporal term is a mean
+# over pixels (Ruder et al.'s 1/D) but the MRF energy a sum over patches,
+# so the weight that balances them grows with the pixel count: it was
+# chosen at 128 px (where a tenth of it barely changes the flicker and ten
+# times it freezes the motion; benchmarks/bench_video.py prints both) and
+# scaled by (384 / 128)**2. Scale it likewise for other --max_size.
+DEFAULT_TEMPORAL_WEIGHT = 2.7e4
 # Frame rate of the outputs when the clip is a directory of frames and
 # --fps is not given.
 DEFAULT_FPS = 25.0

@@ -1,4 +1,4 @@
-"""Packaging for cnnmrf_jax (pip install -e .[test,examples])."""
+"""Packaging for cnnmrf_jax (pip install -e .[test,examples,video])."""
 
 import setuptools
 
@@ -30,8 +30,12 @@ setuptools.setup(
         # benchmarks/bench_peers.py's peer; the script puts it in a venv of
         # its own (pinned: the CPU wheel, an unpinned torch pulls CUDA).
         "bench": ["torch==2.13.0"],
+        # Video: OpenCV reads clips and computes DIS optical flow; the
+        # imageio-ffmpeg wheel bundles an ffmpeg binary that writes H.264.
+        "video": ["opencv-python-headless>=4.5", "imageio-ffmpeg>=0.4.9"],
         "test": ["pytest>=7", "scikit-image>=0.21", "matplotlib>=3.7",
-                 "h5py>=3.8"],
+                 "h5py>=3.8", "opencv-python-headless>=4.5",
+                 "imageio-ffmpeg>=0.4.9"],
     },
     entry_points={
         "console_scripts": [

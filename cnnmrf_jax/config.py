@@ -23,6 +23,9 @@ OUTPUT_MODES = ("stretch", "clip")
 DTYPES = ("float32", "bfloat16")
 INITS = ("content", "noise")  # or a path to an image file
 GATYS_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+# OpenCV's DIS presets, fastest first (flow.PRESETS; flow.py needs OpenCV,
+# so the names are repeated here for the flag).
+FLOW_PRESETS = ("ultrafast", "fast", "medium")
 
 
 class ConfigError(ValueError):
@@ -164,6 +167,25 @@ class Config:
       10.0, "How much the maps count in the matching: the map part of a "
       "patch's NCC counts sqrt(weight) relative to its features' "
       "(neural-doodle's default 10); 0: maps unused.")
+  # Video (python -m cnnmrf_jax.video): the temporal term of Ruder,
+  # Dosovitskiy & Brox (GCPR 2016) and how frames after the first are run.
+  # Image runs keep temporal_weight 0 (the term is then not in the program).
+  temporal_weight: float = _option(
+      0.0, "Video: weight of the temporal term, the consistency-weighted "
+      "mean squared difference to the previous result(s) warped into the "
+      "frame by the optical flow; 0: off (image runs).")
+  flow_relative_indices: Tuple[int, ...] = _option(
+      (1,), "Video: the earlier frames t-j each frame is kept close to "
+      "(long-term consistency, e.g. 1,2,4); must include 1.")
+  flow_preset: str = _option(
+      "medium", "Video: OpenCV DIS optical flow preset.", choices=FLOW_PRESETS)
+  video_num_res: int = _option(
+      1, "Video: pyramid levels of frames after the first (the finest "
+      "--video_num_res of the --num_res levels); they start from the "
+      "previous result warped by the flow.")
+  video_num_iter: Tuple[int, ...] = _option(
+      (50,), "Video: L-BFGS iterations of frames after the first: one value "
+      "or one per --video_num_res level, coarsest first.")
 
   # -- derived values --------------------------------------------------------
 
@@ -304,10 +326,37 @@ class Config:
       fail("mrf_layers", f"--mode={self.mode} needs at least one MRF layer")
     if self.mode == "gatys" and not self.style_layers:
       fail("style_layers", "--mode=gatys needs at least one style layer")
+    self._validate_video(fail)
     if self.resume and self.overwrite:
       fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")
     return self
+
+  def _validate_video(self, fail) -> None:
+    """The video fields' checks (they hold for image runs' defaults)."""
+    _check_finite("temporal_weight", [self.temporal_weight], nonnegative=True)
+    indices = self.flow_relative_indices
+    if any(isinstance(j, bool) or not isinstance(j, int) or j < 1
+           for j in indices):
+      fail("flow_relative_indices", f"expected positive frame offsets "
+           f"(e.g. 1,2,4), got {','.join(map(str, indices)) or '(none)'}")
+    if 1 not in indices:
+      fail("flow_relative_indices", f"must include 1 (the previous frame), "
+           f"got {','.join(map(str, indices))}")
+    if self.flow_preset not in FLOW_PRESETS:
+      fail("flow_preset", f"got {self.flow_preset!r}; expected one of "
+           f"{FLOW_PRESETS}")
+    if not isinstance(self.video_num_res, int) or not (
+        1 <= self.video_num_res <= self.num_res):
+      fail("video_num_res", f"expected 1 to --num_res={self.num_res} (the "
+           f"finest levels), got {self.video_num_res!r}")
+    if len(self.video_num_iter) not in (1, self.video_num_res):
+      fail("video_num_iter", f"got {len(self.video_num_iter)} values "
+           f"{list(self.video_num_iter)}; expected 1 or one per level "
+           f"(--video_num_res={self.video_num_res})")
+    if any(not isinstance(n, int) or n < 0 for n in self.video_num_iter):
+      fail("video_num_iter", f"expected non-negative integers, got "
+           f"{list(self.video_num_iter)}")
 
   # -- flag files ------------------------------------------------------------
 

@@ -60,6 +60,9 @@ def main(argv):
       changes = dict(content_image=pairs[0][0],
                      style_image=tuple(pairs[0][1]))
     config = cli.config_from_flags(flags.FLAGS, **changes)
+    if config.temporal_weight > 0:
+      cli.fail("--temporal_weight: the temporal term is for videos (python "
+               "-m cnnmrf_jax.video); image runs take 0")
     # One run per workdir, held from before any input is read to the end.
     with workdir_lib.claim(workdir):
       synthesize.run(config, str(workdir), pairs=pairs)

@@ -9,7 +9,8 @@ which VGG layers it reads from x, its per-pair weights, how its targets are
 built at a pyramid level (on the host, once per level), and its loss, a pure
 function of the image, the features, its own targets and its weights. The
 terms here are the MRF term (Eq. 2), the content term (Eq. 4), the Gram
-style term of Gatys et al. (the baseline) and the smoothness prior (Eq. 5).
+style term of Gatys et al. (the baseline), the smoothness prior (Eq. 5) and,
+for videos, the temporal term of Ruder et al. (2016).
 
 Adding a term is writing those functions and calling `register`; the pyramid
 driver, the target builder and the solve loop loop over `active_terms` and
@@ -33,6 +34,7 @@ from cnnmrf_jax import image_io
 from cnnmrf_jax import losses
 from cnnmrf_jax import patches
 from cnnmrf_jax import semantic
+from cnnmrf_jax import temporal
 
 Scalars = Dict[str, jnp.ndarray]
 
@@ -350,3 +352,43 @@ TV = register(Term(
     name="tv", active=lambda c: c.tv_weight > 0, layers=lambda c: (),
     weights=lambda c: _scalar(c.tv_weight), build=lambda pair: {},
     loss=_tv_loss))
+
+
+# ----------------------------------------------------------------------------
+# The temporal term of video style transfer (Ruder, Dosovitskiy & Brox 2016,
+# Eq. 7-8): frame t kept close to the previous results warped into it.
+
+TEMPORAL_EXTRA = "temporal"
+
+
+def _temporal_build(pair: PairLevel):
+  """{'warped': [K, h, w, 3], 'weights': [K, h, w]} at the level's size.
+
+  pair.extras['temporal'] holds the full-size targets the video driver
+  made: 'warped', the previous results t-j warped into frame t [K, H, W, 3]
+  in the preprocessed space, and 'weights', their long-term consistency
+  weights [K, H, W] (`flow.temporal_inputs`).
+  """
+  extra = pair.extras.get(TEMPORAL_EXTRA)
+  if extra is None:
+    raise config_lib.ConfigError(
+        "--temporal_weight: the temporal term needs the previous frames of "
+        "a video (python -m cnnmrf_jax.video); image runs take 0")
+  warped, weights = jnp.asarray(extra["warped"]), jnp.asarray(extra["weights"])
+  height, width = pair.level.size
+  if warped.shape[1:3] != (height, width):
+    warped, weights = temporal.targets_at_size(warped, weights, height, width)
+  return {"warped": warped.astype(jnp.float32),
+          "weights": weights.astype(jnp.float32)}
+
+
+def _temporal_loss(config, x, features, targets, weight):
+  del config, features
+  return {"": temporal.temporal_loss(x, targets["warped"], targets["weights"],
+                                     weight=weight)}, {}
+
+
+TEMPORAL = register(Term(
+    name="temporal", active=lambda c: c.temporal_weight > 0,
+    layers=lambda c: (), weights=lambda c: _scalar(c.temporal_weight),
+    build=_temporal_build, loss=_temporal_loss))

@@ -140,6 +140,12 @@ class Config:
   compilation_cache: str = _option(
       "", "Directory of JAX's persistent compilation cache: later runs of "
       "the same sizes skip compiling. Empty: off.")
+  # Big images (tiling.py): the objective evaluated tile by tile, exactly,
+  # so the VGG's activations exist for one tile at a time.
+  tile_size: str = _option(
+      "auto", "Exact tiled evaluation: auto (tile a level only when its "
+      "memory estimate does not fit), 0 (never) or the tile side in pixels, "
+      "a multiple of the deepest layer's stride (8 for relu4_x).")
 
   # -- derived values --------------------------------------------------------
 
@@ -257,6 +263,8 @@ class Config:
       fail("mrf_layers", f"--mode={self.mode} needs at least one MRF layer")
     if self.mode == "gatys" and not self.style_layers:
       fail("style_layers", "--mode=gatys needs at least one style layer")
+    from cnnmrf_jax import tiling  # pylint: disable=g-import-not-at-top
+    tiling.parse_tile_size(self)
     if self.resume and self.overwrite:
       fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")

@@ -123,6 +123,59 @@ def extract_patches(features: jnp.ndarray, *, patch_size: int = 3,
                          patch_size * patch_size * channels)
 
 
+def extract_at(features: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray,
+               *, patch_size: int = 3) -> jnp.ndarray:
+  """Patches of features [H, W, C] whose top-left corners are rows x cols.
+
+  rows [R], cols [Cc] int32 (traced; each + patch_size <= the side): the
+  patches of the row-major product grid, [R * Cc, D] in the layout of
+  `extract_patches` (D = k * k * C in (kh, kw, C) order). Used by the tiled
+  objective, whose tiles hold a slice of the whole map's grid.
+  """
+  _check_map(features)
+  k = patch_size
+  taps = jnp.arange(k, dtype=jnp.int32)
+  row_index = (rows[:, None] + taps[None, :]).reshape(-1)  # [R * k]
+  col_index = (cols[:, None] + taps[None, :]).reshape(-1)  # [Cc * k]
+  block = jnp.take(jnp.take(features, row_index, axis=0), col_index, axis=1)
+  channels = features.shape[-1]
+  block = block.reshape(rows.shape[0], k, cols.shape[0], k, channels)
+  return block.transpose(0, 2, 1, 3, 4).reshape(
+      rows.shape[0] * cols.shape[0], k * k * channels)
+
+
+def fold_at(patches: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray, *,
+            height: int, width: int, patch_size: int = 3,
+            mask: Optional[jnp.ndarray] = None
+            ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """The adjoint of `extract_at`: patches [R * Cc, D] summed back into a
+  [height, width, C] map at rows x cols, and the count [height, width, 1]
+  of (kept, `mask` [R * Cc]) patches covering each position.
+
+  A scatter-add: used where the target is held constant (the MRF's Tbar),
+  so no gradient flows through it.
+  """
+  k = patch_size
+  channels = patches.shape[1] // (k * k)
+  dtype = patches.dtype
+  weights = (jnp.ones(patches.shape[:1], dtype) if mask is None
+             else mask.astype(dtype))
+  t = (patches * weights[:, None]).reshape(rows.shape[0], cols.shape[0], k,
+                                           k, channels)
+  taps = jnp.arange(k, dtype=jnp.int32)
+  row_index = rows[:, None, None, None] + taps[None, None, :, None]
+  col_index = cols[None, :, None, None] + taps[None, None, None, :]
+  shape = (rows.shape[0], cols.shape[0], k, k)
+  row_index = jnp.broadcast_to(row_index, shape)
+  col_index = jnp.broadcast_to(col_index, shape)
+  summed = jnp.zeros((height, width, channels), dtype).at[
+      row_index, col_index].add(t)
+  ones = jnp.broadcast_to(weights.reshape(shape[:2] + (1, 1)), shape)
+  count = jnp.zeros((height, width), dtype).at[row_index, col_index].add(
+      ones)
+  return summed, count[..., None]
+
+
 def _pad_axis(x: jnp.ndarray, axis: int, low: int, high: int) -> jnp.ndarray:
   config = [(0, 0, 0)] * x.ndim
   config[axis] = (low, high, 0)

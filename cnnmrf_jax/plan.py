@@ -405,16 +405,21 @@ def check_memory(config: config_lib.Config, run_plan: Plan, *,
   except config_lib.ConfigError:
     if not tiled:
       raise
-  limit = limit_bytes or memory.limit_bytes(config)[0]
+  if limit_bytes is not None:
+    limit, where = limit_bytes, "the given limit"
+  else:
+    limit, where = memory.limit_bytes(config)
   height, width = run_plan.output_size
   fits = _largest_fitting_size(config, run_plan, limit)
   raise config_lib.ConfigError(
-      f"--max_size: a {height}x{width} px run needs about "
-      f"{run_plan.memory_bytes / memory.GIB:.1f} GiB even tiled "
-      f"(--tile_size={tiled[-1].tile_size}), but "
-      f"{limit / memory.GIB:.1f} GiB is available; "
-      + (f"--max_size={fits} would fit" if fits else "no --max_size fits")
-      + " (or lower --num_rotations, --num_scales)")
+      f"--max_size: a {height}x{width} px run (--max_size={config.max_size}"
+      f") needs about {run_plan.memory_bytes / memory.GIB:.1f} GiB of "
+      f"memory, but {limit / memory.GIB:.1f} GiB is available ({where}), "
+      f"even tiled (--tile_size={tiled[-1].tile_size}); "
+      + (f"a --max_size of {fits} would fit" if fits else
+         "no --max_size fits")
+      + " (or lower --num_rotations, --num_scales), or pass "
+      "--max_memory_gb=GB or --nocheck_memory to try anyway")
 
 
 def _largest_fitting_size(config: config_lib.Config, run_plan: Plan,

@@ -292,7 +292,7 @@ def test_a_run_too_big_even_tiled_names_the_size_that_fits():
   message = str(error.value)
   assert "\n" not in message
   assert "even tiled" in message
-  fits = int(message.split("--max_size=")[1].split()[0])
+  fits = int(message.split("a --max_size of ")[1].split()[0])
   assert 0 < fits < 2048
   smaller = plan.make(config_lib.replace(config, max_size=fits), _INPUTS,
                       limit_bytes=limit)

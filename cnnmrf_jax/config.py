@@ -186,6 +186,12 @@ class Config:
   video_num_iter: Tuple[int, ...] = _option(
       (50,), "Video: L-BFGS iterations of frames after the first: one value "
       "or one per --video_num_res level, coarsest first.")
+  # Big images (tiling.py): the objective evaluated tile by tile, exactly,
+  # so the VGG's activations exist for one tile at a time.
+  tile_size: str = _option(
+      "auto", "Exact tiled evaluation: auto (tile a level only when its "
+      "memory estimate does not fit), 0 (never) or the tile side in pixels, "
+      "a multiple of the deepest layer's stride (8 for relu4_x).")
 
   # -- derived values --------------------------------------------------------
 
@@ -327,6 +333,8 @@ class Config:
     if self.mode == "gatys" and not self.style_layers:
       fail("style_layers", "--mode=gatys needs at least one style layer")
     self._validate_video(fail)
+    from cnnmrf_jax import tiling  # pylint: disable=g-import-not-at-top
+    tiling.parse_tile_size(self)
     if self.resume and self.overwrite:
       fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")

@@ -113,6 +113,90 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   return loss, stats
 
 
+def mrf_target_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
+                    rows: jnp.ndarray, cols: jnp.ndarray,
+                    patch_mask: jnp.ndarray, patch_size: int = 3,
+                    threshold: float = 0.0,
+                    chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
+                    compute_dtype=None):
+  """`mrf_loss`'s matching and folding for a tile of the whole map.
+
+  features [h, w, C] is a crop of the whole map; rows [R], cols [Cc] are
+  the crop-local corners of the whole map's grid patches that overlap the
+  tile's core (padded to a static count, patch_mask [R * Cc] False on the
+  padding). Every patch covering a core position is among them, so on the
+  core the folded sum and count, hence Tbar, are the whole map's.
+
+  Returns (tbar [h, w, C], covered [h, w, 1] bool, indices [R * Cc],
+  scores [R * Cc], keep [R * Cc]); tbar is exact on the core only.
+  """
+  height, width, _ = features.shape
+  synth = patches_lib.extract_at(lax.stop_gradient(features), rows, cols,
+                                 patch_size=patch_size)
+  indices, scores = patches_lib.match(synth, bank, chunk_size=chunk_size,
+                                      compute_dtype=compute_dtype)
+  keep = patch_mask & (scores >= threshold) & (scores > -jnp.inf)
+  targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
+  summed, count = patches_lib.fold_at(targets, rows, cols, height=height,
+                                      width=width, patch_size=patch_size,
+                                      mask=keep)
+  covered = count > 0
+  tbar = lax.stop_gradient(
+      jnp.where(covered, summed / jnp.where(covered, count, 1), 0))
+  return tbar, covered, indices, scores, keep
+
+
+def mrf_loss_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
+                  weight: float, rows: jnp.ndarray, cols: jnp.ndarray,
+                  patch_mask: jnp.ndarray, owned: jnp.ndarray,
+                  core: Tuple[int, int, int, int], patch_size: int = 3,
+                  threshold: float = 0.0,
+                  chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
+                  compute_dtype=None
+                  ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
+  """The share of `mrf_loss` of one tile's core (see `mrf_target_tile`).
+
+  core: (top, left, height, width) of the core in the crop's map (static).
+  owned [R * Cc]: the patches whose corner lies in the core, so that each
+  patch's statistics are counted by exactly one tile. The losses of all
+  cores sum to `mrf_loss`; their gradients to its gradient.
+
+  Returns (loss, partial stats): 'num_matched' and 'ncc_sum' over owned
+  kept matches, 'used' [M] int32 (1 where an owned kept match took that
+  bank patch); sums of them over tiles give `mrf_loss`'s statistics
+  (`mrf_tile_stats`).
+  """
+  _check_rank3(features, "mrf_loss_tile: features")
+  tbar, covered, indices, scores, keep = mrf_target_tile(
+      features, bank, rows=rows, cols=cols, patch_mask=patch_mask,
+      patch_size=patch_size, threshold=threshold, chunk_size=chunk_size,
+      compute_dtype=compute_dtype)
+  top, left, height, width = core
+  window = (slice(top, top + height), slice(left, left + width))
+  residual = jnp.where(covered[window], features[window] - tbar[window], 0)
+  loss = 0.5 * weight * jnp.sum(jnp.square(residual))
+  counted = keep & owned
+  partial = {
+      "num_matched": jnp.sum(counted, dtype=jnp.int32),
+      "ncc_sum": jnp.sum(jnp.where(counted, scores, 0)),
+      "used": jnp.zeros(bank.patches.shape[:1], jnp.int32).at[indices].max(
+          counted.astype(jnp.int32)),
+  }
+  return loss, partial
+
+
+def mrf_tile_stats(partial: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
+  """`mrf_loss`'s statistics from the sums over tiles of `mrf_loss_tile`'s
+  partial statistics."""
+  num_matched = partial["num_matched"]
+  return {
+      "mean_ncc": partial["ncc_sum"] /
+                  jnp.maximum(num_matched, 1).astype(partial["ncc_sum"].dtype),
+      "num_matched": num_matched,
+      "num_distinct": jnp.sum(partial["used"] > 0, dtype=jnp.int32),
+  }
+
+
 def content_loss(features: jnp.ndarray, target: jnp.ndarray, *,
                  weight: float) -> jnp.ndarray:
   """E_c (Eq. 4) = weight * mean((F - T)^2); F, T [H, W, C].

@@ -28,6 +28,11 @@ What is counted per level (float32, 4 bytes a value), from the plan's sizes:
 and once: the decoded input images, the VGG weights (a host and a device
 copy) and the JAX/XLA runtime itself.
 
+A tiled level (the plan's `tiling`, tiling.py) counts 1. for one tile's
+crop instead of the whole image, plus the padded image and its gradient
+accumulator, and 3. for one tile's synthesis patches (those overlapping its
+core); the style side, the content target and the optimiser stay whole.
+
 Not counted: XLA's compile-time memory and its choice of which buffers live
 at once (it may fuse some of the maps above away, or keep a temporary we do
 not list). It answers "will this fit at all", not "how much exactly", and
@@ -95,10 +100,19 @@ def level_bytes(config: config_lib.Config, level: Any,
   network = config.network
   layers = config.feature_layers()
   height, width = level.size
+  tiling = getattr(level, "tiling", None)
   per_pair = 0
 
-  # 1. VGG forward and backward over the image being optimised.
-  total, _ = _vgg_maps(height, width, _deepest(layers, network), network)
+  # 1. VGG forward and backward over the image being optimised (tiled: over
+  # one tile's crop, plus the padded image and its gradient).
+  if tiling is None:
+    total, _ = _vgg_maps(height, width, _deepest(layers, network), network)
+  else:
+    total, _ = _vgg_maps(tiling.crop, tiling.crop,
+                         _deepest(layers, network), network)
+    rows, cols = tiling.grid
+    total += 2 * 3 * ((rows * tiling.tile_size + 2 * tiling.halo) *
+                      (cols * tiling.tile_size + 2 * tiling.halo))
   per_pair += 2 * total
 
   # 2. Style side and content target. Copies of the pair with the most.
@@ -120,7 +134,15 @@ def level_bytes(config: config_lib.Config, level: Any,
     # 3. Matching: synthesis patches, matched targets, one score chunk.
     chunk = min(mrf.bank_size,
                 config.chunk_size or patches.DEFAULT_CHUNK_SIZE)
-    per_pair += 2 * mrf.num_patches * depth + 2 * chunk * mrf.num_patches
+    num_patches = mrf.num_patches
+    if tiling is not None:
+      # The patches overlapping one core; a core of n map positions meets
+      # at most n / stride + 2 grid corners per side.
+      core = tiling.tile_size // vgg.downsampling_of(mrf.layer, network)
+      side = core // config.synth_stride + 2
+      num_patches = min(num_patches, side * side)
+      per_pair += 2 * mrf.bank_size  # the used-patch counts
+    per_pair += 2 * num_patches * depth + 2 * chunk * num_patches
   if config.mode in ("transfer", "gatys") and config.content_weight > 0:
     for layer in level.layers:
       if layer.name in config.content_layers:
@@ -198,6 +220,14 @@ def available_bytes() -> Tuple[int, str]:
       found, where = max(0, int(limit) - usage), "cgroup memory limit"
     break
   return found, where
+
+
+def limit_bytes(config: config_lib.Config) -> Tuple[int, str]:
+  """(bytes, where from) a run may use: --max_memory_gb when set, else
+  `available_bytes()`."""
+  if config.max_memory_gb > 0:
+    return int(config.max_memory_gb * GIB), "--max_memory_gb"
+  return available_bytes()
 
 
 def _gib(value: float) -> str:

@@ -137,6 +137,59 @@ def extract_patches(features: jnp.ndarray, *, patch_size: int = 3,
                          patch_size * patch_size * channels)
 
 
+def extract_at(features: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray,
+               *, patch_size: int = 3) -> jnp.ndarray:
+  """Patches of features [H, W, C] whose top-left corners are rows x cols.
+
+  rows [R], cols [Cc] int32 (traced; each + patch_size <= the side): the
+  patches of the row-major product grid, [R * Cc, D] in the layout of
+  `extract_patches` (D = k * k * C in (kh, kw, C) order). Used by the tiled
+  objective, whose tiles hold a slice of the whole map's grid.
+  """
+  _check_map(features)
+  k = patch_size
+  taps = jnp.arange(k, dtype=jnp.int32)
+  row_index = (rows[:, None] + taps[None, :]).reshape(-1)  # [R * k]
+  col_index = (cols[:, None] + taps[None, :]).reshape(-1)  # [Cc * k]
+  block = jnp.take(jnp.take(features, row_index, axis=0), col_index, axis=1)
+  channels = features.shape[-1]
+  block = block.reshape(rows.shape[0], k, cols.shape[0], k, channels)
+  return block.transpose(0, 2, 1, 3, 4).reshape(
+      rows.shape[0] * cols.shape[0], k * k * channels)
+
+
+def fold_at(patches: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray, *,
+            height: int, width: int, patch_size: int = 3,
+            mask: Optional[jnp.ndarray] = None
+            ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """The adjoint of `extract_at`: patches [R * Cc, D] summed back into a
+  [height, width, C] map at rows x cols, and the count [height, width, 1]
+  of (kept, `mask` [R * Cc]) patches covering each position.
+
+  A scatter-add: used where the target is held constant (the MRF's Tbar),
+  so no gradient flows through it.
+  """
+  k = patch_size
+  channels = patches.shape[1] // (k * k)
+  dtype = patches.dtype
+  weights = (jnp.ones(patches.shape[:1], dtype) if mask is None
+             else mask.astype(dtype))
+  t = (patches * weights[:, None]).reshape(rows.shape[0], cols.shape[0], k,
+                                           k, channels)
+  taps = jnp.arange(k, dtype=jnp.int32)
+  row_index = rows[:, None, None, None] + taps[None, None, :, None]
+  col_index = cols[None, :, None, None] + taps[None, None, None, :]
+  shape = (rows.shape[0], cols.shape[0], k, k)
+  row_index = jnp.broadcast_to(row_index, shape)
+  col_index = jnp.broadcast_to(col_index, shape)
+  summed = jnp.zeros((height, width, channels), dtype).at[
+      row_index, col_index].add(t)
+  ones = jnp.broadcast_to(weights.reshape(shape[:2] + (1, 1)), shape)
+  count = jnp.zeros((height, width), dtype).at[row_index, col_index].add(
+      ones)
+  return summed, count[..., None]
+
+
 def _pad_axis(x: jnp.ndarray, axis: int, low: int, high: int) -> jnp.ndarray:
   config = [(0, 0, 0)] * x.ndim
   config[axis] = (low, high, 0)
@@ -692,3 +745,133 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
         features, patch_size=patch_size, stride=stride), bank)
   best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype)
   return _finish(best, best_index, sq_norms)
+
+
+# ----------------------------------------------------------------------------
+# Approximate matching: PatchMatch (Barnes et al., SIGGRAPH 2009).
+
+
+class BankGrid(NamedTuple):
+  """Where each bank patch lies on its copy's grid (static numpy arrays).
+
+  starts [S]: first bank index of each copy's map; rows [S], cols [S]: its
+  stride-plus-tail grid. `bank_grid` makes it from the maps' shapes, in
+  `build_bank`'s order.
+  """
+  starts: np.ndarray
+  rows: np.ndarray
+  cols: np.ndarray
+
+
+def bank_grid(shapes: Sequence[Sequence[int]], patch_size: int = 3,
+              stride: int = 2) -> BankGrid:
+  """The `BankGrid` of `build_bank` over maps of these (H, W[, C])."""
+  rows = [len(grid_positions(int(s[0]), patch_size, stride)) for s in shapes]
+  cols = [len(grid_positions(int(s[1]), patch_size, stride)) for s in shapes]
+  sizes = np.asarray(rows) * np.asarray(cols)
+  starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  return BankGrid(starts.astype(np.int32), np.asarray(rows, np.int32),
+                  np.asarray(cols, np.int32))
+
+
+def _grid_coords(index, grid: BankGrid):
+  """Bank indices -> (copy, row, col) on that copy's grid."""
+  starts = jnp.asarray(grid.starts)
+  copy = jnp.searchsorted(starts, index, side="right").astype(jnp.int32) - 1
+  local = index - starts[copy]
+  cols = jnp.asarray(grid.cols)[copy]
+  return copy, local // cols, local % cols
+
+
+def _grid_index(copy, row, col, grid: BankGrid):
+  """(copy, row, col), clamped into the copy's grid -> bank index."""
+  rows = jnp.asarray(grid.rows)[copy]
+  cols = jnp.asarray(grid.cols)[copy]
+  row = jnp.clip(row, 0, rows - 1)
+  col = jnp.clip(col, 0, cols - 1)
+  return jnp.asarray(grid.starts)[copy] + row * cols + col
+
+
+def _ncc_numerators(patches, bank: PatchBank, index):
+  """<p_i, t_index(i)> / |t_index(i)| ([P]); -inf on invalid bank rows."""
+  targets = jnp.take(bank.patches, index, axis=0).astype(patches.dtype)
+  dots = jnp.sum(patches * targets, axis=1)
+  return jnp.where(jnp.take(bank.valid, index),
+                   dots * jnp.take(bank.inv_norms, index).astype(dots.dtype),
+                   -jnp.inf)
+
+
+def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
+               field: jnp.ndarray, key: jnp.ndarray, *,
+               synth_grid: Tuple[int, int], num_passes: int = 1,
+               jumps: Sequence[int] = (4, 2, 1)
+               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Improves a nearest-neighbour field by PatchMatch, scored by exact NCC.
+
+  Each pass: propagation by jump flooding (for each step d in `jumps` and
+  each of the four grid directions, the match of the neighbour d grid
+  positions away, shifted by d on the style copy's own grid) and random
+  search (candidates uniform within radii R / 2^i around the current match
+  on its copy's grid, R the copy's larger grid side, down to one position,
+  plus one uniformly random bank patch, which may lie in another copy).
+  A candidate replaces the match only if its NCC is strictly higher, so a
+  field never gets worse for fixed patches. Cost per pass: P x (candidates)
+  dot products of length D, not P x M.
+
+  Args:
+    patches: [P, D] synthesis patches on a synth_grid (rows, cols) grid.
+    bank: the PatchBank; grid: its `BankGrid`.
+    field: [P] int32 current matches (random, or carried over).
+    key: a PRNG key for the random search.
+
+  Returns:
+    (field [P] int32, scores [P]) as `match`: unmatched patches (all zero,
+    or meeting only invalid bank rows) get score -inf and index 0.
+  """
+  _check_bank(patches, bank)
+  rows, cols = synth_grid
+  if rows * cols != patches.shape[0]:
+    raise ValueError(f"patchmatch: synth_grid {synth_grid} does not hold "
+                     f"{patches.shape[0]} patches")
+  m = bank.patches.shape[0]
+  field = jnp.clip(field.astype(jnp.int32), 0, m - 1)
+  best = _ncc_numerators(patches, bank, field)
+  largest = int(max(np.max(grid.rows), np.max(grid.cols)))
+  radii = []
+  radius = largest
+  while radius >= 1:
+    radii.append(radius)
+    radius //= 2
+
+  def consider(carry, candidate):
+    field, best = carry
+    score = _ncc_numerators(patches, bank, candidate)
+    better = score > best
+    return jnp.where(better, candidate, field), jnp.where(better, score, best)
+
+  def one_pass(carry, pass_key):
+    field, best = carry
+    for d in jumps:
+      for dr, dc in ((d, 0), (-d, 0), (0, d), (0, -d)):
+        # The neighbour at grid offset (-dr, -dc) suggests its match
+        # shifted by (dr, dc).
+        image = field.reshape(rows, cols)
+        neighbour = jnp.roll(image, (dr, dc), axis=(0, 1)).reshape(-1)
+        copy, r, c = _grid_coords(neighbour, grid)
+        candidate = _grid_index(copy, r + dr, c + dc, grid)
+        field, best = consider((field, best), candidate)
+    keys = jax.random.split(pass_key, len(radii) + 1)
+    for radius, k in zip(radii, keys):
+      copy, r, c = _grid_coords(field, grid)
+      offsets = jax.random.randint(k, (2,) + field.shape, -radius,
+                                   radius + 1)
+      candidate = _grid_index(copy, r + offsets[0], c + offsets[1], grid)
+      field, best = consider((field, best), candidate)
+    anywhere = jax.random.randint(keys[-1], field.shape, 0, m)
+    return consider((field, best), anywhere), None
+
+  (field, best), _ = lax.scan(one_pass, (field, best),
+                              jax.random.split(key, num_passes))
+  dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
+  return _finish(best.astype(dtype), field,
+                 jnp.sum(jnp.square(patches.astype(dtype)), axis=1))

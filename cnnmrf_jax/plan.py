@@ -11,7 +11,9 @@ stride-plus-tail grid of every MRF layer form the style bank.
 `make` computes all of it from the input images' sizes alone (their headers
 suffice): per level the image size, every style copy's size, every layer's
 feature-map size, the synthesis patch grid and the bank size per MRF layer,
-and the memory estimate (memory.py). `check` holds every size rule of a run
+the tiling of the objective (tiling.py; --tile_size=auto tiles a level only
+when its untiled estimate does not fit) and the memory estimate
+(memory.py). `check` holds every size rule of a run
 (a map smaller than a patch, pairs that cannot share a batch, a run too big
 for the memory), each failing in one line that names the flag. The driver,
 the memory check, the sweep's batching and the workdir's plan.json all read
@@ -28,6 +30,8 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import memory
 from cnnmrf_jax import patches
+from cnnmrf_jax import terms
+from cnnmrf_jax import tiling as tiling_lib
 from cnnmrf_jax import vgg
 
 Size = Tuple[int, int]  # (height, width) in pixels
@@ -166,6 +170,7 @@ class LevelPlan:
   styles: per pair, every style image's size at this level.
   copies: per pair, every copy's size, style-major then rotation-major
     (`augment.augment_style`'s order); gatys: the style images themselves.
+  tiling: how the objective is cut (`tiling.Tiling`), or None: whole.
   """
   index: int
   scale: float
@@ -176,6 +181,7 @@ class LevelPlan:
   layers: Tuple[LayerPlan, ...]
   mrf: Tuple[MrfPlan, ...]
   memory_bytes: int
+  tiling: Optional[tiling_lib.Tiling] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +213,11 @@ class Plan:
       for mrf in level.mrf:
         text += (f"; {mrf.layer} {mrf.grid[0]}x{mrf.grid[1]} patches, bank "
                  f"{mrf.bank_size}")
+      if level.tiling is not None:
+        tiles = level.tiling
+        text += (f"; tiled {tiles.grid[0]}x{tiles.grid[1]} of "
+                 f"{tiles.tile_size} px (+{tiles.halo} px halo), "
+                 f"{level.memory_bytes / memory.GIB:.2f} GiB")
       lines.append(text)
     return "\n".join(lines)
 
@@ -226,11 +237,54 @@ def _bank_size(config: config_lib.Config, copies: Sequence[Size],
   return patches.bank_size(maps, config.patch_size, config.style_stride)
 
 
-def make(config: config_lib.Config, inputs: Sequence[InputSizes]) -> Plan:
+def _tiled_level(config: config_lib.Config, level: LevelPlan,
+                 num_pairs: int, fixed: int,
+                 limit_bytes: Optional[int]) -> LevelPlan:
+  """The level with its tiling (--tile_size) and memory estimate.
+
+  auto: untiled if it fits in limit_bytes (or the limit is unknown), else
+  the largest of `tiling.candidate_sizes` that fits, else the smallest
+  (check_memory then refuses the run).
+  """
+  untiled = dataclasses.replace(level, memory_bytes=memory.level_bytes(
+      config, level, num_pairs))
+  tile_size = tiling_lib.parse_tile_size(config)
+  if tile_size == 0:
+    return untiled
+  untileable = terms.untileable_terms(config)
+  if untileable and tile_size is None:
+    return untiled  # auto: check_memory says whether it fits whole
+  if untileable:
+    raise config_lib.ConfigError(
+        f"--tile_size: the term(s) {untileable} cannot be tiled (the Gram "
+        "matrix needs the whole image's features); pass --tile_size=0")
+  if tile_size is not None:
+    sizes = [tile_size]
+  elif not limit_bytes or untiled.memory_bytes + fixed <= limit_bytes:
+    return untiled
+  else:
+    sizes = tiling_lib.candidate_sizes(config, level.size)
+  best = untiled
+  for size in sizes:
+    tiles = tiling_lib.make(config, level.size, size)
+    if tiles is None:
+      continue
+    tiled = dataclasses.replace(level, tiling=tiles)
+    best = dataclasses.replace(tiled, memory_bytes=memory.level_bytes(
+        config, tiled, num_pairs))
+    if limit_bytes and best.memory_bytes + fixed <= limit_bytes:
+      break
+  return best
+
+
+def make(config: config_lib.Config, inputs: Sequence[InputSizes], *,
+         limit_bytes: Optional[int] = None) -> Plan:
   """The plan of a run of `config` over pairs of these input sizes.
 
   Pure and cheap: no image is decoded. Sizes too small for a patch are
   planned as they are (`check` refuses them, naming the flag).
+  limit_bytes: the memory --tile_size=auto fits the levels into (default:
+  `memory.limit_bytes`, read only when tile_size is auto).
   """
   inputs = tuple(inputs)
   if not inputs:
@@ -239,6 +293,9 @@ def make(config: config_lib.Config, inputs: Sequence[InputSizes]) -> Plan:
   height, width = outputs[0]
   iterations = config.iterations_per_level()
   layers = config.feature_layers()
+  fixed = memory.fixed_bytes(config, sum(s.pixels for s in inputs))
+  if limit_bytes is None and tiling_lib.parse_tile_size(config) is None:
+    limit_bytes = memory.limit_bytes(config)[0]
   levels = []
   for index, (size, scale) in enumerate(zip(
       pyramid_sizes(height, width, config.num_res),
@@ -264,9 +321,8 @@ def make(config: config_lib.Config, inputs: Sequence[InputSizes]) -> Plan:
                                  max(banks)))
     level = LevelPlan(index, scale, size, iterations[index], styles, copies,
                       layer_plans, tuple(mrf_plans), 0)
-    levels.append(dataclasses.replace(
-        level, memory_bytes=memory.level_bytes(config, level, len(inputs))))
-  fixed = memory.fixed_bytes(config, sum(s.pixels for s in inputs))
+    levels.append(_tiled_level(config, level, len(inputs), fixed,
+                               limit_bytes))
   return Plan(len(inputs), inputs, outputs, tuple(levels),
               max(l.memory_bytes for l in levels) + fixed)
 
@@ -360,9 +416,50 @@ def check_batch(run_plan: Plan) -> None:
 def check_memory(config: config_lib.Config, run_plan: Plan, *,
                  limit_bytes: Optional[int] = None) -> int:
   """Raises ConfigError naming --max_size if the plan's estimated peak
-  memory exceeds what is available (`memory.check_fits`); returns it."""
-  return memory.check_fits(config, run_plan.output_size,
-                           run_plan.memory_bytes, limit_bytes=limit_bytes)
+  memory exceeds what is available (`memory.check_fits`); returns it.
+
+  When even the tiled run would not fit, the one line says so, with the
+  largest --max_size that would.
+  """
+  tiled = [l.tiling for l in run_plan.levels if l.tiling is not None]
+  try:
+    return memory.check_fits(config, run_plan.output_size,
+                             run_plan.memory_bytes, limit_bytes=limit_bytes)
+  except config_lib.ConfigError:
+    if not tiled:
+      raise
+  if limit_bytes is not None:
+    limit, where = limit_bytes, "the given limit"
+  else:
+    limit, where = memory.limit_bytes(config)
+  height, width = run_plan.output_size
+  fits = _largest_fitting_size(config, run_plan, limit)
+  raise config_lib.ConfigError(
+      f"--max_size: a {height}x{width} px run (--max_size={config.max_size}"
+      f") needs about {run_plan.memory_bytes / memory.GIB:.1f} GiB of "
+      f"memory, but {limit / memory.GIB:.1f} GiB is available ({where}), "
+      f"even tiled (--tile_size={tiled[-1].tile_size}); "
+      + (f"a --max_size of {fits} would fit" if fits else
+         "no --max_size fits")
+      + " (or lower --num_rotations, --num_scales), or pass "
+      "--max_memory_gb=GB or --nocheck_memory to try anyway")
+
+
+def _largest_fitting_size(config: config_lib.Config, run_plan: Plan,
+                          limit: int) -> int:
+  """The largest --max_size (below the config's) whose auto-tiled plan
+  fits in limit bytes; 0 if none."""
+  low, high = 0, config.max_size
+  auto = config_lib.replace(config, tile_size=tiling_lib.AUTO)
+  while high - low > 1:
+    middle = (low + high) // 2
+    smaller = make(config_lib.replace(auto, max_size=middle),
+                   run_plan.inputs, limit_bytes=limit)
+    if smaller.memory_bytes <= limit:
+      low = middle
+    else:
+      high = middle
+  return low
 
 
 def check(config: config_lib.Config, run_plan: Plan, *,

@@ -88,12 +88,21 @@ class Synthesizer:
     self.params = vgg.prepare_params(jax.tree.map(jnp.asarray, params),
                                      config.conv, config.network,
                                      layers=self.layers)
-    self.objective = terms_lib.make_objective(config, self.model)
+    self._features = jax.jit(self._features_impl)
+    self.mesh = mesh
+    # {(H, W): tiling.Tiling or None}: how the objective of a level size is
+    # evaluated (the plan's choice), read when it is traced for that size.
+    self.tilings = {}
+    self._build_steps()
+
+  def _build_steps(self):
+    """The objective, the solver and their jitted steps (traced lazily)."""
+    config, mesh = self.config, self.mesh
+    self.objective = terms_lib.make_objective(config, self.model,
+                                              tiling_of=self.tilings.get)
     self.solver = optim.make(config.optimizer, self.objective,
                              history_size=config.history_size,
                              learning_rate=config.learning_rate)
-    self._features = jax.jit(self._features_impl)
-    self.mesh = mesh
     init = jax.vmap(self.solver.init, in_axes=(0, None, 0))
     if mesh is None:
       self.solve_params = self.params
@@ -106,6 +115,16 @@ class Synthesizer:
       self._init = batch.per_device(init, mesh, batched=(True, False, True))
       self._update = batch.per_device(self._update_impl, mesh,
                                       batched=(True, True, False, True))
+
+  def set_tiling(self, size: Tuple[int, int], tiling: Any) -> None:
+    """Evaluates the objective of images of `size` with `tiling` (a
+    `tiling.Tiling`, or None: whole). Programs compiled for that size with
+    another tiling are dropped."""
+    size = tuple(size)
+    if size in self.tilings and self.tilings[size] != tiling:
+      self.tilings[size] = tiling
+      self._build_steps()
+    self.tilings[size] = tiling
 
   def _features_impl(self, params, images):
     """images: [N, H, W, 3] preprocessed -> {layer: [N, h, w, c]}."""
@@ -237,6 +256,11 @@ def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
       continue
     logging.info("level %d/%d: %dx%d px, %d iterations", level.index + 1,
                  len(run_plan.levels), *level.size, level.num_iter)
+    if level.tiling is not None:
+      logging.info("level %d tiled: %dx%d tiles of %d px (+%d px halo)",
+                   level.index + 1, *level.tiling.grid,
+                   level.tiling.tile_size, level.tiling.halo)
+    synthesizer.set_tiling(level.size, level.tiling)
     t0 = time.perf_counter()
     targets = targets_lib.level_targets(config, run_plan, level,
                                         solve_inputs, synthesizer.features)

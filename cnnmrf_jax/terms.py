@@ -15,7 +15,9 @@ for videos, the temporal term of Ruder et al. (2016).
 Adding a term is writing those functions and calling `register`; the pyramid
 driver, the target builder and the solve loop loop over `active_terms` and
 need no edit. `make_objective` builds, once, from a frozen config, the pure
-function the optimiser minimises.
+function the optimiser minimises; given a tiling of a level (tiling.py), it
+evaluates every feature-reading term tile by tile through the term's
+`tile_loss`, exactly.
 """
 
 import collections
@@ -35,6 +37,7 @@ from cnnmrf_jax import losses
 from cnnmrf_jax import patches
 from cnnmrf_jax import semantic
 from cnnmrf_jax import temporal
+from cnnmrf_jax import tiling as tiling_lib
 
 Scalars = Dict[str, jnp.ndarray]
 
@@ -76,6 +79,13 @@ class Term:
     [H, W, 3] the preprocessed image, features {layer: [h, w, c]} float32;
     values {key: scalar} summed into the objective, stats {name: scalar}
     logged only.
+  tile_loss(config, tile, features, targets, weights) -> (values, partial):
+    the share of `loss` of one tile's core (tiling.py): tile a
+    `tiling.Tile`, features {layer: [c, c, ch]} of the tile's crop (exact
+    on the core); the values of all tiles sum to loss's values, and
+    tile_stats(config, summed partial) -> stats. None: the term cannot be
+    tiled (a term that reads no features never is: it runs on the whole
+    image).
   """
   name: str
   active: Callable[[config_lib.Config], bool]
@@ -83,6 +93,8 @@ class Term:
   weights: Callable[[config_lib.Config], Any]
   build: Callable[[PairLevel], Any]
   loss: Callable[..., Tuple[Scalars, Scalars]]
+  tile_loss: Optional[Callable[..., Tuple[Scalars, Any]]] = None
+  tile_stats: Optional[Callable[..., Scalars]] = None
 
 
 _REGISTRY: Dict[str, Term] = {}
@@ -125,18 +137,35 @@ def loss_weights(config: config_lib.Config) -> Dict[str, Any]:
   return {t.name: t.weights(config) for t in active_terms(config)}
 
 
-def make_objective(config: config_lib.Config, model: Any):
+def untileable_terms(config: config_lib.Config) -> List[str]:
+  """Active terms that read features but have no tile_loss."""
+  return [t.name for t in active_terms(config)
+          if t.layers(config) and t.tile_loss is None]
+
+
+def make_objective(config: config_lib.Config, model: Any,
+                   tiling_of: Optional[Callable[[Tuple[int, int]], Any]]
+                   = None):
   """The objective of one pair, built once from a frozen config.
 
   Returns objective(x, params, targets) -> (loss, aux): x [H, W, 3]
   preprocessed; targets {term name: its targets, 'weights': {term name: its
   weights}}; aux = {'terms': {name: scalar}, 'stats': {name: scalar}}. The
   terms are summed in registration order.
+
+  tiling_of((H, W)) -> `tiling.Tiling` or None, asked when the objective is
+  traced for an image size: with a tiling, the terms that read features are
+  evaluated tile by tile (`tiling.tiled_objective`; same value and gradient
+  up to float rounding, with respect to x only) and the others on the whole
+  image.
   """
   terms = active_terms(config)
   layers = feature_layers(config)
 
   def objective(x, params, targets):
+    tiling = tiling_of(tuple(x.shape[:2])) if tiling_of else None
+    if tiling is not None:
+      return _tiled(x, params, targets, tiling)
     features = float32(model.apply({"params": params}, x[None],
                                    outputs=layers))
     features = {k: v[0] for k, v in features.items()}
@@ -149,6 +178,43 @@ def make_objective(config: config_lib.Config, model: Any):
         values[f"{term.name}_{key}" if key else term.name] = value
       stats.update(term_stats)
     total = sum(values.values())
+    return total, {"terms": values, "stats": stats}
+
+  feature_terms = [t for t in terms if t.layers(config)]
+  pixel_terms = [t for t in terms if not t.layers(config)]
+
+  def tile_loss(piece, window, tile, params, targets):
+    features = float32(model.apply({"params": params}, piece[None],
+                                   outputs=layers, window=window))
+    features = {k: v[0] for k, v in features.items()}
+    values, partial = {}, {}
+    for term in feature_terms:
+      values[term.name], partial[term.name] = term.tile_loss(
+          config, tile, features, targets[term.name],
+          targets["weights"][term.name])
+    return sum(jax.tree.leaves(values)), (values, partial)
+
+  def _tiled(x, params, targets, tiling):
+    untileable = untileable_terms(config)
+    if untileable:
+      raise config_lib.ConfigError(
+          f"--tile_size: the term(s) {untileable} cannot be tiled; pass "
+          "--tile_size=0")
+    total, (tiled_values, partial) = tiling_lib.tiled_objective(
+        tiling, tile_loss)(x, params, targets)
+    values, stats = {}, {}
+    for term in terms:  # registration order, as untiled
+      if term.layers(config):
+        term_values = tiled_values[term.name]
+        stats.update(term.tile_stats(config, partial[term.name]))
+      else:
+        term_values, term_stats = term.loss(
+            config, x, {}, targets[term.name],
+            targets["weights"][term.name])
+        stats.update(term_stats)
+        total = total + sum(term_values.values())
+      for key, value in term_values.items():
+        values[f"{term.name}_{key}" if key else term.name] = value
     return total, {"terms": values, "stats": stats}
 
   return objective
@@ -277,9 +343,53 @@ def _mrf_loss(config, x, features, targets, weights):
   return values, stats
 
 
+def _mrf_tile_loss(config, tile, features, banks, weights):
+  """`_mrf_loss`'s share of one tile's core (losses.mrf_loss_tile)."""
+  if banks.get("synthesis_maps"):
+    raise config_lib.ConfigError(
+        "--tile_size: tiled evaluation does not carry semantic maps yet; "
+        "pass --tile_size=0 (or a smaller --max_size) with maps")
+  kwargs = chunk_kwargs(config)
+  del kwargs["matching"]  # a tile's patches are extracted; matmul scores
+  values, partial = {}, {}
+  for layer in config.mrf_layers:
+    bank = banks[layer]
+    view = tile.layer(layer, config.network)
+    num_rows, num_cols = tile.tiling.grid
+    row_tables = tiling_lib.grid_tables(
+        view.map_size[0], num_rows, view.core, view.halo, config.patch_size,
+        config.synth_stride)
+    col_tables = tiling_lib.grid_tables(
+        view.map_size[1], num_cols, view.core, view.halo, config.patch_size,
+        config.synth_stride)
+    rows, row_valid, row_owned = (jnp.asarray(t)[view.index[0]]
+                                  for t in row_tables)
+    cols, col_valid, col_owned = (jnp.asarray(t)[view.index[1]]
+                                  for t in col_tables)
+    value, partial[layer] = losses.mrf_loss_tile(
+        features[layer], bank, weight=weights[layer], rows=rows, cols=cols,
+        patch_mask=(row_valid[:, None] & col_valid[None, :]).reshape(-1),
+        owned=(row_owned[:, None] & col_owned[None, :]).reshape(-1),
+        core=(view.halo, view.halo, view.core, view.core),
+        patch_size=config.patch_size,
+        threshold=config.confidence_threshold, **kwargs)
+    values[layer] = value
+  return values, partial
+
+
+def _mrf_tile_stats(config, partial):
+  del config
+  stats = {}
+  for layer, layer_partial in partial.items():
+    for name, stat in losses.mrf_tile_stats(layer_partial).items():
+      stats[f"{name}_{layer}"] = stat
+  return stats
+
+
 MRF = register(Term(
     name="mrf", active=_mrf_active, layers=lambda c: c.mrf_layers,
-    weights=_mrf_weights, build=_mrf_build, loss=_mrf_loss))
+    weights=_mrf_weights, build=_mrf_build, loss=_mrf_loss,
+    tile_loss=_mrf_tile_loss, tile_stats=_mrf_tile_stats))
 
 
 # ----------------------------------------------------------------------------
@@ -301,11 +411,26 @@ def _content_loss(config, x, features, targets, weight):
           for layer, target in targets.items()}, {}
 
 
+def _content_tile_loss(config, tile, features, targets, weight):
+  """The core's share of weight * mean((F - T)^2): its squared error over
+  the whole map's number of values."""
+  values = {}
+  for layer, target in targets.items():
+    view = tile.layer(layer, config.network)
+    halo, core = view.halo, view.core
+    mine = features[layer][halo:halo + core, halo:halo + core]
+    error = jnp.where(tiling_lib.core_inside(view),
+                      mine - tiling_lib.core_slice(target, view), 0)
+    values[layer] = weight * jnp.sum(jnp.square(error)) / target.size
+  return values, {}
+
+
 CONTENT = register(Term(
     name="content", active=_content_active,
     layers=lambda c: c.content_layers,
     weights=lambda c: _scalar(c.content_weight), build=_content_build,
-    loss=_content_loss))
+    loss=_content_loss, tile_loss=_content_tile_loss,
+    tile_stats=lambda config, partial: {}))
 
 
 # ----------------------------------------------------------------------------

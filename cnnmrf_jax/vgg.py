@@ -9,6 +9,11 @@ for are computed.
 
 Pooling is 2x2, stride 2, in Caffe's ceil mode: an odd side of n gives
 ceil(n / 2) outputs, the last window covering only the valid border pixels.
+
+`receptive_field` gives the pixels a feature depends on, and `VGG(...,
+window=...)` runs the network on a crop of a larger image so that the crop's
+features equal the whole image's wherever the crop holds their receptive
+field (exact tiling, tiling.py).
 """
 
 import re
@@ -94,6 +99,33 @@ def map_size(height: int, width: int, layer: str,
   ceil(side / s)."""
   stride = downsampling_of(layer, network)
   return -(-height // stride), -(-width // stride)
+
+
+def receptive_field(layer: str, network: str = "vgg19"
+                    ) -> Tuple[int, int, int]:
+  """(before, after, stride): the feature at map position q of `layer`
+  depends on the input pixels [stride * q - before, stride * q + after].
+
+  Walked through the layer list: a 3x3 convolution with padding 1 on a map
+  of total stride s widens the field by s on both sides; a 2x2 stride-2 pool
+  adds the second pixel of its window (s more after) and doubles s. The
+  side before + after + 1 is the receptive field: 3 at relu1_1, 6 at pool1
+  (stride 2), 16 at pool2 (4), 24 at relu3_1, 52 at pool3 (8), 68 at
+  relu4_1, 84 at relu4_2 (38 before, 45 after), 124 at pool4 (16), 156 at
+  relu5_1. The field is not centred: pools look forward.
+  """
+  check_layers([layer], network, flag="layer")
+  before = after = 0
+  stride = 1
+  for name in layer_names(network):
+    if name.startswith("conv"):
+      before, after = before + stride, after + stride
+    elif name.startswith("pool"):
+      after += stride
+      stride *= 2
+    if name == layer:
+      return before, after, stride
+  raise AssertionError(layer)
 
 
 def check_layers(layers: Iterable[str], network: str = "vgg19", *,
@@ -234,12 +266,25 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray,
-               outputs: Optional[Sequence[str]] = None
+               outputs: Optional[Sequence[str]] = None,
+               window: Optional[Tuple[Any, Any, int, int]] = None
                ) -> Dict[str, jnp.ndarray]:
     """images: [N, H, W, 3] preprocessed. Returns {name: [N, h, w, c]}.
 
     `outputs` (default: every layer) selects the returned activations; the
     forward pass stops at the deepest of them.
+
+    window: (top, left, height, width) when `images` is a crop of a larger
+    [height, width] image whose pixel (0, 0) lies at (top, left) of it (top
+    and left may be traced and negative, and must be multiples of the total
+    stride of the deepest output, so pooling windows line up). Every map's
+    positions outside the image are zeroed before each convolution and
+    pool: the whole image's zero padding, wherever the crop's border lies.
+    Max pools read ReLU outputs (>= 0) so a zero never beats a pixel
+    inside, and a window never straddles the top or left border, so even
+    ties route the gradient as on the whole image; avg pools divide by the
+    count of positions inside, as the ceil mode does. The crop's sides must
+    be multiples of that stride too.
     """
     names = layer_names(self.network)
     if self.pooling not in POOLINGS:
@@ -258,8 +303,11 @@ class VGG(nn.Module):
     wanted = set(outputs)
     features = {}
     x = images.astype(self.dtype)
+    stride = 1
     for name in names[:deepest + 1]:
       if name.startswith("conv"):
+        if window is not None:
+          x = _mask_outside(x, window, stride)
         channels = conv_shapes(self.network)[name]["kernel"][-1]
         c_in = conv_shapes(self.network)[name]["kernel"][2]
         if conv_lib.layer_method(self.conv, c_in, channels) == "xla":
@@ -272,11 +320,44 @@ class VGG(nn.Module):
                        name=name)(x)
       elif name.startswith("relu"):
         x = nn.relu(x)
-      else:
+      elif window is None:
         x = pool2x2_ceil(x, self.pooling)
+      else:
+        x = _window_pool(x, window, stride, self.pooling)
+        stride *= 2
       if name in wanted:
         features[name] = x
     return features
+
+
+def _inside(shape, window, stride):
+  """[1, h, w, 1] bool: which positions of a crop's map of total stride
+  `stride` lie inside the image (`VGG`'s window)."""
+  top, left, height, width = window
+  _, h, w, _ = shape
+  rows = lax.broadcasted_iota(jnp.int32, (1, h, 1, 1), 1) + top // stride
+  cols = lax.broadcasted_iota(jnp.int32, (1, 1, w, 1), 2) + left // stride
+  return ((rows >= 0) & (rows < -(-height // stride)) &
+          (cols >= 0) & (cols < -(-width // stride)))
+
+
+def _mask_outside(x, window, stride):
+  return jnp.where(_inside(x.shape, window, stride), x, 0).astype(x.dtype)
+
+
+def _window_pool(x, window, stride, kind):
+  """pool2x2_ceil of a crop's map as the whole image's pool would give it:
+  x [N, h, w, C] with h, w even (the crop is stride-aligned)."""
+  inside = _inside(x.shape, window, stride)
+  x = jnp.where(inside, x, 0).astype(x.dtype)
+  if kind == "max":
+    return _max_pool2x2(x)
+  if kind != "avg":
+    raise ValueError(f"--pooling: unknown pooling {kind!r}; expected one "
+                     f"of {POOLINGS}")
+  total = jnp.sum(_pool_windows(x, 0.0), axis=(2, 4))
+  count = jnp.sum(_pool_windows(inside.astype(x.dtype), 0.0), axis=(2, 4))
+  return total / jnp.maximum(count, 1)
 
 
 def init_params(network: str = "vgg19", seed: int = 0,

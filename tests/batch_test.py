@@ -101,7 +101,9 @@ def test_batch_of_three_equals_three_single_runs(pairs, random_vgg19,
     alone = single.run(synthesize.load_inputs(config_lib.replace(
         config, content_image=content, style_image=styles)))
     for got, want in zip(log, alone.history):
-      np.testing.assert_allclose(got["loss"][n], want["loss"][0], rtol=1e-5)
+      # Float rounding only: a batch of 3 and of 1 run the winograd
+      # convolutions (--conv=auto on CPU) in other orders.
+      np.testing.assert_allclose(got["loss"][n], want["loss"][0], rtol=1e-4)
     with Image.open(out / f"result_{n}.png") as image:
       written = np.asarray(image, np.int32)
     expected = image_io.to_uint8(alone.images[0]).astype(np.int32)
@@ -227,9 +229,10 @@ def test_batch_of_four_is_sharded_over_four_devices(pairs, tmp_path):
     assert layout["devices"] == 4 and layout["shard"][0] == 1, layout
   assert out["x"]["shard"] == [1, 40, 48, 3]
   # Equal to the unsharded batch to float rounding (the per-device batch of
-  # one and the batch of four take differently blocked convolutions).
+  # one and the batch of four take differently blocked convolutions, the
+  # winograd ones of --conv=auto included).
   np.testing.assert_allclose(out["loss_sharded"], out["loss_plain"],
-                             rtol=1e-5)
+                             rtol=1e-4)
   assert out["diff"] < 1e-3
   # 3 pairs on 2 devices: padded to 4, the copy dropped from the results.
   assert out["padded_shape"] == [3, 40, 48, 3]

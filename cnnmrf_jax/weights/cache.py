@@ -188,19 +188,10 @@ def _remove_leftover_temp_files(directory: pathlib.Path) -> None:
   """Removes the temporary files of cache files in `directory` that a
   killed writer left. Only while holding the lock: every writer of the
   cache holds it, so any such file belongs to a writer that died."""
-  names = "|".join(re.escape(name) for source in _SOURCES.values()
-                   for name in (source.cache_name,
-                                _sidecar_name(source.cache_name)))
-  # fileio.atomic_write: tempfile.mkstemp(prefix=".NAME.", suffix=".tmp").
-  temp_file = re.compile(rf"\.(?:{names})\.[A-Za-z0-9_]+\.tmp")
-  removed = []
-  with os.scandir(directory) as entries:
-    for entry in entries:
-      if temp_file.fullmatch(entry.name) and entry.is_file(
-          follow_symlinks=False):
-        with contextlib.suppress(FileNotFoundError):
-          os.unlink(entry.path)
-          removed.append(entry.name)
+  names = [re.escape(name) for source in _SOURCES.values()
+           for name in (source.cache_name, _sidecar_name(source.cache_name))]
+  removed = fileio.remove_temp_files(directory,
+                                     fileio.temp_file_pattern(names))
   if removed:
     logging.info("Removed %d temporary file(s) left in the weights cache %s "
                  "by an interrupted fetch: %s", len(removed), directory,

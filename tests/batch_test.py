@@ -103,7 +103,7 @@ def test_batch_of_three_equals_three_single_runs(pairs, random_vgg19,
     for got, want in zip(log, alone.history):
       # Float rounding only: a batch of 3 and of 1 run the winograd
       # convolutions (--conv=auto on CPU) in other orders.
-      np.testing.assert_allclose(got["loss"][n], want["loss"][0], rtol=1e-4)
+      np.testing.assert_allclose(got["loss"][n], want["loss"][0], rtol=1e-3)
     with Image.open(out / f"result_{n}.png") as image:
       written = np.asarray(image, np.int32)
     expected = image_io.to_uint8(alone.images[0]).astype(np.int32)
@@ -232,7 +232,7 @@ def test_batch_of_four_is_sharded_over_four_devices(pairs, tmp_path):
   # one and the batch of four take differently blocked convolutions, the
   # winograd ones of --conv=auto included).
   np.testing.assert_allclose(out["loss_sharded"], out["loss_plain"],
-                             rtol=1e-4)
+                             rtol=1e-3)
   assert out["diff"] < 1e-3
   # 3 pairs on 2 devices: padded to 4, the copy dropped from the results.
   assert out["padded_shape"] == [3, 40, 48, 3]

@@ -45,7 +45,7 @@ def test_synthesis_snippet(tmp_path, monkeypatch):
   namespace = {}
   exec(compile(_snippets()[1], "README.md", "exec"), namespace)  # pylint: disable=exec-used
   result = namespace["result"]
-  assert namespace["image"].shape == (64, 55, 3)
+  assert namespace["image"].shape == (64, 54, 3)
   assert (tmp_path / "workdir" / "notebook" / "result.png").is_file()
   last = [r for r in result.history if r["level"] == 1]
   assert last[-1]["loss"][0] < last[0]["loss"][0]  # it fell at the finest

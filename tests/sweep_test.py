@@ -266,3 +266,44 @@ def test_processes_of_a_distributed_run_take_slices(setup, tmp_path):
   tasks = [json.loads((tmp_path / "root" / r["name"] / sweep.POINT_FILE
                        ).read_text())["task"] for r in rows]
   assert tasks == [[0, 2], [1, 2], [0, 2]]
+
+
+_HOLDER = """
+import json, pathlib, sys, time
+from cnnmrf_jax import workdir
+point = pathlib.Path(sys.argv[1])
+with workdir.claim(point):
+  # What a sweep task writes when it starts a point (sweep._write_state).
+  (point / "point.json").write_text(json.dumps({"status": "running"}))
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_held_point_is_busy_and_a_killed_one_interrupted(setup, tmp_path):
+  """A point whose workdir another live process holds is skipped as busy
+  (not run twice at once); once that process is killed (-9, mid-run), the
+  summary shows the point as interrupted, not running forever."""
+  common, images = setup
+  root = tmp_path / "sweep"
+  argv = common + [f"--workdir={root}", f"--style_image={images['style']}",
+                   "--grid=content_weight=10,40"]
+  points = sweep.expand([], sweep.parse_grid(["content_weight=10,40"]),
+                        ["--content_weight=20"])
+  held, free = (p.name for p in points)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", _HOLDER, str(root / held)],
+      stdout=subprocess.PIPE, text=True, cwd=REPO,
+      env={**os.environ, "PYTHONPATH": str(REPO)})
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    outcomes = by_status(run_sweep(argv))
+    assert outcomes == {"busy": {held}, "done": {free}}, outcomes
+    assert not (root / held / "result.png").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  run_sweep(argv + ["--summary_only"])
+  statuses = {row["name"]: row["status"]
+              for row in read_csv(root / "summary.csv")}
+  assert statuses == {held: "interrupted", free: "done"}, statuses

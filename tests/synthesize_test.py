@@ -57,6 +57,21 @@ def test_every_mode_runs_and_lowers_the_loss(mode, tiny_images, random_vgg19,
   assert {"loss", "tv", "seconds_per_iter"} <= set(log[-1])
   if mode != "gatys":
     assert "mean_ncc_relu3_1" in log[-1]
+  # plan.json holds the sizes the run used, made before any pixel: every
+  # level's image size (the last the result's), its iterations, and per
+  # MRF layer a patch grid and bank.
+  run_plan = json.loads((tmp_path / workdir_lib.PLAN_NAME).read_text())
+  levels = run_plan["levels"]
+  assert len(levels) == config.num_res
+  assert tuple(levels[-1]["size"]) == result.images[0].shape[:2]
+  assert [l["num_iter"] for l in levels] == [4] * config.num_res
+  assert run_plan["memory_bytes"] > 0
+  for level in levels:
+    mrf_layers = [m["layer"] for m in level["mrf"]]
+    assert mrf_layers == ([] if mode == "gatys" else list(config.mrf_layers))
+    for mrf in level["mrf"]:
+      assert mrf["num_patches"] == mrf["grid"][0] * mrf["grid"][1] > 0
+      assert mrf["bank_size"] > 0
 
 
 def test_seed_determines_the_noise_init(tiny_images, random_vgg19):

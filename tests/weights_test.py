@@ -222,7 +222,7 @@ def test_cli_convert_and_errors(tmp_path, tiny_vgg, capsys):
   weight_fakes.assert_params_equal(params, expected)
 
   assert weights.main(["convert", str(src), str(dst), "--network",
-                       "vgg19"]) == 1
+                       "vgg19"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1
   assert "holds vgg16 weights but vgg19 was requested" in err

@@ -5,7 +5,7 @@
   python -m cnnmrf_jax.weights convert SRC DST [--network vgg19|vgg16]
 
 Each prints the path it wrote (or found cached); errors are one line on
-stderr and exit status 1.
+stderr and exit status 2, as for every bad input of the project.
 """
 
 import argparse
@@ -59,5 +59,5 @@ def main(argv: Optional[List[str]] = None) -> int:
       print(dst)
   except (common.WeightsError, OSError) as e:
     print(f"error: {e}".replace("\n", " "), file=sys.stderr)
-    return 1
+    return 2
   return 0

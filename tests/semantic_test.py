@@ -271,6 +271,33 @@ def test_gradient_with_maps_is_the_plain_gradient_of_its_matches():
     assert np.any(np.asarray(plain) != np.asarray(indices))
 
 
+def test_the_memory_estimate_counts_map_channels():
+  sizes = dict(content=(256, 256), styles=((256, 256),))
+  config = _config(max_size=256)
+
+  def estimate(num_labels, **changes):
+    run_plan = plan_lib.make(config_lib.replace(config, **changes), [
+        plan_lib.InputSizes(**sizes, num_labels=num_labels)])
+    return run_plan.levels[-1], run_plan.memory_bytes
+
+  level, mapped = estimate(4)
+  _, plain = estimate(0)
+  assert level.num_labels == 4
+  # At least the bank's map patches (3 copies, float32), at most a fraction
+  # of the rest: 4 labels are 36 values a patch against 2304 and 4608.
+  bank_maps = sum(4 * 3 * m.bank_size * 9 * 4 for m in level.mrf)
+  assert bank_maps <= mapped - plain < 0.2 * plain
+  assert estimate(4, semantic_weight=0.0)[1] == estimate(0)[1]
+  tiled = {n: estimate(n, tile_size="96")[1] for n in (0, 4)}
+  assert tiled[4] - tiled[0] >= bank_maps
+  # Inputs carry the label count of their maps into the plan.
+  inputs = targets_lib.Inputs(
+      contents=[np.zeros((8, 8, 3))], styles=[[np.zeros((8, 8, 3))]],
+      init_images=[None], extras=[{"content_map": np.zeros((8, 8, 5)),
+                                   "style_maps": [np.zeros((8, 8, 5))]}])
+  assert inputs.sizes()[0].num_labels == 5
+
+
 # ----------------------------------------------------------------------------
 # Finding and reading maps; bad maps.
 

@@ -323,6 +323,10 @@ def test_halo_is_the_deepest_reach_plus_the_patch_margin():
   assert tiling.stride_and_halo(_config(mrf_layers=("relu3_1",),
                                         content_layers=("relu4_2",))) == (
                                             8, 48)
+  # Doodle: no content term, the MRF layers' patch margin all the same.
+  doodle = config_lib.Config(mode="doodle", content_map="m.png",
+                             style_image=("s.png",))
+  assert tiling.stride_and_halo(doodle) == (8, 56)
 
 
 def test_tile_size_flag_is_checked():

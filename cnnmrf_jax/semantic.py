@@ -25,6 +25,8 @@ patches labelled sky. Here:
     the overlap of labels. Colours covering less than MINOR_SHARE of every
     map (anti-aliased edges, JPEG noise) are merged into the nearest
     frequent colour, so a map saved with soft edges still has few labels.
+    A video's maps (every frame's and the styles') share one palette, so
+    a colour is one label in every frame.
   - Resizing: to a pyramid level with the images' own resize
     (`image_io.resize(method='torch')`, box averaging of the covered pixels
     when shrinking, i.e. area), so a map stays aligned with its image pixel
@@ -275,7 +277,9 @@ class VideoMaps:
   content: List[np.ndarray]
   styles: List[np.ndarray]
   palette: np.ndarray
-  _shared: Optional[np.ndarray] = None  # one map for all: its one-hot
+  # One map for all frames: its one-hot [H, W, L], made once.
+  _shared: Optional[np.ndarray] = dataclasses.field(default=None,
+                                                    repr=False)
 
   @property
   def per_frame(self) -> bool:

@@ -159,7 +159,9 @@ class Config:
   content_map: str = _option(
       "", "Semantic map of the content image (doodle: the canvas): colours "
       "label regions. Empty: NAME_sem.png beside --content_image if there "
-      "is one.")
+      "is one. Video: one image for every frame, or a directory or glob of "
+      "maps, one per selected frame (after --frames and --max_frames), "
+      "paired with the frames in natural order.")
   style_map: Tuple[str, ...] = _option(
       (), "Semantic maps of the style images, one per --style_image, comma "
       "separated. Empty: NAME_sem.png beside each style image.")

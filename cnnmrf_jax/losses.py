@@ -118,7 +118,8 @@ def mrf_target_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
                     patch_mask: jnp.ndarray, patch_size: int = 3,
                     threshold: float = 0.0,
                     chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
-                    compute_dtype=None):
+                    compute_dtype=None,
+                    synth_map: Optional[patches_lib.SynthesisMap] = None):
   """`mrf_loss`'s matching and folding for a tile of the whole map.
 
   features [h, w, C] is a crop of the whole map; rows [R], cols [Cc] are
@@ -126,6 +127,10 @@ def mrf_target_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   tile's core (padded to a static count, patch_mask [R * Cc] False on the
   padding). Every patch covering a core position is among them, so on the
   core the folded sum and count, hence Tbar, are the whole map's.
+  synth_map: None, or the semantic map patches of exactly these R * Cc
+  patches (the whole grid's `patches.SynthesisMap` rows at the same grid
+  positions, `tiling.grid_index_tables`): each patch is then scored as in
+  the whole map's matching, so its match is the whole map's.
 
   Returns (tbar [h, w, C], covered [h, w, 1] bool, indices [R * Cc],
   scores [R * Cc], keep [R * Cc]); tbar is exact on the core only.
@@ -134,7 +139,8 @@ def mrf_target_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   synth = patches_lib.extract_at(lax.stop_gradient(features), rows, cols,
                                  patch_size=patch_size)
   indices, scores = patches_lib.match(synth, bank, chunk_size=chunk_size,
-                                      compute_dtype=compute_dtype)
+                                      compute_dtype=compute_dtype,
+                                      synth_map=synth_map)
   keep = patch_mask & (scores >= threshold) & (scores > -jnp.inf)
   targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
   summed, count = patches_lib.fold_at(targets, rows, cols, height=height,
@@ -152,9 +158,11 @@ def mrf_loss_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
                   core: Tuple[int, int, int, int], patch_size: int = 3,
                   threshold: float = 0.0,
                   chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
-                  compute_dtype=None
+                  compute_dtype=None,
+                  synth_map: Optional[patches_lib.SynthesisMap] = None
                   ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
-  """The share of `mrf_loss` of one tile's core (see `mrf_target_tile`).
+  """The share of `mrf_loss` of one tile's core (see `mrf_target_tile`;
+  synth_map: the tile's patches' semantic map part, as there).
 
   core: (top, left, height, width) of the core in the crop's map (static).
   owned [R * Cc]: the patches whose corner lies in the core, so that each
@@ -163,14 +171,15 @@ def mrf_loss_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
 
   Returns (loss, partial stats): 'num_matched' and 'ncc_sum' over owned
   kept matches, 'used' [M] int32 (1 where an owned kept match took that
-  bank patch); sums of them over tiles give `mrf_loss`'s statistics
-  (`mrf_tile_stats`).
+  bank patch), with synth_map also 'num_agree' (owned kept matches whose
+  style label is the synthesis patch's, int32); sums of them over tiles
+  give `mrf_loss`'s statistics (`mrf_tile_stats`).
   """
   _check_rank3(features, "mrf_loss_tile: features")
   tbar, covered, indices, scores, keep = mrf_target_tile(
       features, bank, rows=rows, cols=cols, patch_mask=patch_mask,
       patch_size=patch_size, threshold=threshold, chunk_size=chunk_size,
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, synth_map=synth_map)
   top, left, height, width = core
   window = (slice(top, top + height), slice(left, left + width))
   residual = jnp.where(covered[window], features[window] - tbar[window], 0)
@@ -182,6 +191,10 @@ def mrf_loss_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
       "used": jnp.zeros(bank.patches.shape[:1], jnp.int32).at[indices].max(
           counted.astype(jnp.int32)),
   }
+  if synth_map is not None:
+    partial["num_agree"] = jnp.sum(
+        counted & (jnp.take(bank.labels, indices) == synth_map.labels),
+        dtype=jnp.int32)
   return loss, partial
 
 
@@ -189,12 +202,17 @@ def mrf_tile_stats(partial: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
   """`mrf_loss`'s statistics from the sums over tiles of `mrf_loss_tile`'s
   partial statistics."""
   num_matched = partial["num_matched"]
-  return {
+  stats = {
       "mean_ncc": partial["ncc_sum"] /
                   jnp.maximum(num_matched, 1).astype(partial["ncc_sum"].dtype),
       "num_matched": num_matched,
       "num_distinct": jnp.sum(partial["used"] > 0, dtype=jnp.int32),
   }
+  if "num_agree" in partial:  # semantic maps: as `mrf_loss` computes it
+    stats["label_agreement"] = (
+        partial["num_agree"].astype(jnp.float32) /
+        jnp.maximum(num_matched, 1).astype(jnp.float32))
+  return stats
 
 
 def content_loss(features: jnp.ndarray, target: jnp.ndarray, *,

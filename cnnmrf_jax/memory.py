@@ -24,6 +24,12 @@ What is counted per level (float32, 4 bytes a value), from the plan's sizes:
      targets [P, 9 C] and one chunk of scores [chunk, P].
   4. The optimiser: L-BFGS keeps 2 * history_size images (s and y) plus a
      few working images (x, gradient, direction, new x, ...); Adam a few.
+  5. Semantic maps (the plan's num_labels L > 0): the level's content map
+     [H, W, L]; per MRF layer every copy's map at the layer [h, w, L], the
+     bank's map patches and labels [M, 9 L + 1] three times as the bank
+     itself, the synthesis grid's [P, 9 L + 1] (whole, tiled or not) and
+     one more score chunk [chunk, P] (the map part of the scores); tiled,
+     also a tile's gathered map patches.
 
 and once: the decoded input images, the VGG weights (a host and a device
 copy) and the JAX/XLA runtime itself.
@@ -125,6 +131,10 @@ def level_bytes(config: config_lib.Config, level: Any,
   if config.mode == "gatys":
     per_pair += sum(vgg.channels_of(l, network) ** 2
                     for l in config.style_layers)
+  num_labels = getattr(level, "num_labels", 0)
+  map_depth = config.patch_size ** 2 * num_labels  # Dm, 0 without maps
+  if num_labels:  # 5. the level's content map
+    per_pair += height * width * num_labels
   for mrf in level.mrf:
     channels = vgg.channels_of(mrf.layer, network)
     depth = config.patch_size ** 2 * channels
@@ -143,6 +153,15 @@ def level_bytes(config: config_lib.Config, level: Any,
       num_patches = min(num_patches, side * side)
       per_pair += 2 * mrf.bank_size  # the used-patch counts
     per_pair += 2 * num_patches * depth + 2 * chunk * num_patches
+    if num_labels:
+      # 5. Map channels: copies' layer maps, the bank's map part, the
+      # synthesis grid's, the map scores; tiled, a tile's gathered rows.
+      per_pair += sum(math.prod(vgg.map_size(h, w, mrf.layer, network)) *
+                      num_labels for h, w in copies)
+      per_pair += 3 * mrf.bank_size * (map_depth + 1)
+      per_pair += mrf.num_patches * (map_depth + 1) + chunk * num_patches
+      if tiling is not None:
+        per_pair += num_patches * (map_depth + 1)
   if config.mode in ("transfer", "gatys") and config.content_weight > 0:
     for layer in level.layers:
       if layer.name in config.content_layers:

@@ -86,11 +86,13 @@ class InputSizes:
   """(h, w) of one pair's images as read, before any resizing.
 
   content: None in texture mode. styles: one per style image. init: the
-  --init image's, when it is a path.
+  --init image's, when it is a path. num_labels: the label channels of its
+  semantic maps (`semantic.load`), 0 without maps.
   """
   content: Optional[Size]
   styles: Tuple[Size, ...]
   init: Optional[Size] = None
+  num_labels: int = 0
 
   @property
   def pixels(self) -> int:
@@ -171,6 +173,8 @@ class LevelPlan:
   copies: per pair, every copy's size, style-major then rotation-major
     (`augment.augment_style`'s order); gatys: the style images themselves.
   tiling: how the objective is cut (`tiling.Tiling`), or None: whole.
+  num_labels: label channels of the batch's semantic maps (the largest
+    pair's; 0: no maps), for the memory estimate of their map patches.
   """
   index: int
   scale: float
@@ -182,6 +186,7 @@ class LevelPlan:
   mrf: Tuple[MrfPlan, ...]
   memory_bytes: int
   tiling: Optional[tiling_lib.Tiling] = None
+  num_labels: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +298,11 @@ def make(config: config_lib.Config, inputs: Sequence[InputSizes], *,
   height, width = outputs[0]
   iterations = config.iterations_per_level()
   layers = config.feature_layers()
+  # Maps take part only in the MRF matching, and only at a positive weight
+  # (terms._uses_maps); the batch pads every pair to the most labels.
+  num_labels = 0
+  if (config.mode in ("transfer", "doodle") and config.semantic_weight > 0):
+    num_labels = max(s.num_labels for s in inputs)
   fixed = memory.fixed_bytes(config, sum(s.pixels for s in inputs))
   if limit_bytes is None and tiling_lib.parse_tile_size(config) is None:
     limit_bytes = memory.limit_bytes(config)[0]
@@ -320,7 +330,8 @@ def make(config: config_lib.Config, inputs: Sequence[InputSizes], *,
         mrf_plans.append(MrfPlan(layer, grid, grid[0] * grid[1], banks,
                                  max(banks)))
     level = LevelPlan(index, scale, size, iterations[index], styles, copies,
-                      layer_plans, tuple(mrf_plans), 0)
+                      layer_plans, tuple(mrf_plans), 0,
+                      num_labels=num_labels)
     levels.append(_tiled_level(config, level, len(inputs), fixed,
                                limit_bytes))
   return Plan(len(inputs), inputs, outputs, tuple(levels),

@@ -9,7 +9,9 @@ patches labelled sky. Here:
 
   - Finding: --content_map and --style_map (one per style image), or, when
     those flags are not given, NAME_sem.png beside an image file NAME.ext
-    (neural-doodle's convention; not for example:NAME images).
+    (neural-doodle's convention; not for example:NAME images). A video's
+    --content_map is one map for every frame or a directory / glob of one
+    map per selected frame (`load_video`).
   - Reading: a map whose size differs from its image's is resized to it
     (nearest neighbour, so colours stay colours) when the aspect ratios
     agree (`plan.check_map_size`), refused otherwise.
@@ -23,6 +25,8 @@ patches labelled sky. Here:
     the overlap of labels. Colours covering less than MINOR_SHARE of every
     map (anti-aliased edges, JPEG noise) are merged into the nearest
     frequent colour, so a map saved with soft edges still has few labels.
+    A video's maps (every frame's and the styles') share one palette, so
+    a colour is one label in every frame.
   - Resizing: to a pyramid level with the images' own resize
     (`image_io.resize(method='torch')`, box averaging of the covered pixels
     when shrinking, i.e. area), so a map stays aligned with its image pixel
@@ -121,7 +125,7 @@ def _read(path: str, flag: str, image_shape: Optional[Tuple[int, int]]
           ) -> Tuple[np.ndarray, List[str]]:
   """A map as uint8 RGB [H, W, 3], resized (nearest) to image_shape."""
   from cnnmrf_jax import plan  # pylint: disable=g-import-not-at-top
-  rgb, notes = image_io.read_image(path, flag=flag)
+  rgb, notes = image_io.read_image(path, flag=f"--{flag}")
   colours = np.round(rgb * 255).astype(np.uint8)
   if image_shape is None or tuple(colours.shape[:2]) == tuple(image_shape):
     return colours, notes
@@ -138,26 +142,30 @@ def _hex(colour) -> str:
   return "#" + "".join(f"{int(c):02x}" for c in colour)
 
 
-def to_labels(maps: Sequence[np.ndarray], flags: Sequence[str]
-              ) -> Tuple[List[np.ndarray], np.ndarray, List[str]]:
-  """One-hot label maps over the frequent colours of all `maps`.
+def _codes(colours: np.ndarray) -> np.ndarray:
+  """uint8 RGB [H, W, 3] -> int64 [H, W] colour codes 0xRRGGBB."""
+  return ((colours[..., 0].astype(np.int64) << 16) |
+          (colours[..., 1].astype(np.int64) << 8) | colours[..., 2])
+
+
+def label_palette(maps: Sequence[np.ndarray], flags: Sequence[str],
+                  num_content: int = 1) -> Tuple[np.ndarray, List[str]]:
+  """The labels of a set of maps: their frequent colours.
 
   Args:
-    maps: uint8 RGB [H_i, W_i, 3]; the first is the content map, the rest
-      the style maps.
+    maps: uint8 RGB [H_i, W_i, 3]; the first num_content are content maps
+      (a video's per-frame maps), the rest the style maps.
     flags: the flag each map came from (for messages).
 
   Returns:
-    (one-hot float32 [H_i, W_i, L] per map, palette uint8 [L, 3], warnings):
-    a warning for every content colour that no style map has (its region
-    is matched by the features alone).
+    (palette uint8 [L, 3], sorted by colour code; warnings): a warning for
+    every content colour that no style map has (its region is matched by
+    the features alone).
   """
-  codes = [(m[..., 0].astype(np.int64) << 16) | (m[..., 1].astype(np.int64)
-                                                  << 8) | m[..., 2]
-           for m in maps]
   frequent = {}  # colour code -> the largest share it has in any map
   shares = []
-  for code in codes:
+  for colours in maps:
+    code = _codes(colours)
     values, counts = np.unique(code, return_counts=True)
     share = dict(zip(values.tolist(), (counts / code.size).tolist()))
     shares.append(share)
@@ -173,27 +181,53 @@ def to_labels(maps: Sequence[np.ndarray], flags: Sequence[str]
         "not JPEG)")
   palette = np.stack([(palette_codes >> 16) & 255, (palette_codes >> 8) & 255,
                       palette_codes & 255], axis=1).astype(np.uint8)
-  onehots = []
-  for code in codes:
-    values, inverse = np.unique(code, return_inverse=True)
-    rgb = np.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255],
-                   axis=1).astype(np.float32)
-    # Nearest frequent colour of every distinct colour (itself if frequent).
-    distance = np.sum(np.square(rgb[:, None] - palette[None].astype(
-        np.float32)), axis=-1)
-    label = np.argmin(distance, axis=1)[inverse.reshape(code.shape)]
-    onehots.append(np.eye(len(palette), dtype=np.float32)[label])
   style_colours = set()
-  for share in shares[1:]:
+  for share in shares[num_content:]:
     style_colours |= {v for v, s in share.items() if s >= MINOR_SHARE}
+  content_shares = {}  # colour code -> its largest share in a content map
+  for share in shares[:num_content]:
+    for value, s in share.items():
+      content_shares[value] = max(content_shares.get(value, 0), s)
+  where = "the map" if num_content == 1 else "a frame's map at most"
   warnings = []
-  for value, s in sorted(shares[0].items(), key=lambda vs: -vs[1]):
+  for value, s in sorted(content_shares.items(), key=lambda vs: -vs[1]):
     if s >= MINOR_SHARE and value not in style_colours:
       colour = ((value >> 16) & 255, (value >> 8) & 255, value & 255)
       warnings.append(
-          f"--{flags[0]}: colour {_hex(colour)} ({s:.1%} of the map) is in "
+          f"--{flags[0]}: colour {_hex(colour)} ({s:.1%} of {where}) is in "
           f"no --style_map; that region is matched by the features alone")
-  return onehots, palette, warnings
+  return palette, warnings
+
+
+def onehot(colours: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """A uint8 RGB map [H, W, 3] as one-hot labels float32 [H, W, L] over
+  `label_palette`'s palette [L, 3]: each pixel the nearest palette colour
+  (itself when it is one), so edge and noise pixels join a frequent one."""
+  values, inverse = np.unique(_codes(colours), return_inverse=True)
+  rgb = np.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255],
+                 axis=1).astype(np.float32)
+  distance = np.sum(np.square(rgb[:, None] - palette[None].astype(
+      np.float32)), axis=-1)  # [distinct colours, L]
+  label = np.argmin(distance, axis=1)[inverse.reshape(colours.shape[:2])]
+  return np.eye(len(palette), dtype=np.float32)[label]
+
+
+def to_labels(maps: Sequence[np.ndarray], flags: Sequence[str]
+              ) -> Tuple[List[np.ndarray], np.ndarray, List[str]]:
+  """One-hot label maps over the frequent colours of all `maps`.
+
+  Args:
+    maps: uint8 RGB [H_i, W_i, 3]; the first is the content map, the rest
+      the style maps.
+    flags: the flag each map came from (for messages).
+
+  Returns:
+    (one-hot float32 [H_i, W_i, L] per map, palette uint8 [L, 3], warnings):
+    a warning for every content colour that no style map has (its region
+    is matched by the features alone).
+  """
+  palette, warnings = label_palette(maps, flags)
+  return [onehot(m, palette) for m in maps], palette, warnings
 
 
 def load(paths: MapPaths, content_shape: Optional[Tuple[int, int]],
@@ -226,6 +260,112 @@ def load(paths: MapPaths, content_shape: Optional[Tuple[int, int]],
                f"({', '.join(_hex(c) for c in palette)})")
   return ({"content_map": onehots[0], "style_maps": onehots[1:],
            "palette": palette}, notes + [f"WARNING {w}" for w in warnings])
+
+
+@dataclasses.dataclass
+class VideoMaps:
+  """The semantic maps of a video run (`load_video`), labelled over one
+  palette for the whole clip, so every frame's targets have the same
+  shapes (the later frames share one compiled program) and a colour means
+  one label in every frame.
+
+  content: uint8 RGB [H, W, 3] maps at the frames' size (resized as an
+    image's map is): one for every frame, or one per selected frame.
+  styles: one-hot float32 [H_s, W_s, L] per style image.
+  palette: uint8 [L, 3].
+  """
+  content: List[np.ndarray]
+  styles: List[np.ndarray]
+  palette: np.ndarray
+  # One map for all frames: its one-hot [H, W, L], made once.
+  _shared: Optional[np.ndarray] = dataclasses.field(default=None,
+                                                    repr=False)
+
+  @property
+  def per_frame(self) -> bool:
+    return len(self.content) > 1
+
+  @property
+  def num_labels(self) -> int:
+    return len(self.palette)
+
+  def extras(self, t: int) -> Dict[str, Any]:
+    """Frame t's entry of `targets.Inputs.extras`, as `load` makes an
+    image's: {'content_map': [H, W, L], 'style_maps', 'palette'}."""
+    if self.per_frame:
+      content = onehot(self.content[t], self.palette)
+    else:
+      if self._shared is None:
+        self._shared = onehot(self.content[0], self.palette)
+      content = self._shared
+    return {"content_map": content, "style_maps": self.styles,
+            "palette": self.palette}
+
+
+def load_video(config: config_lib.Config, frame_shape: Tuple[int, int],
+               num_frames: int, style_shapes: Sequence[Tuple[int, int]]
+               ) -> Tuple[Optional[VideoMaps], List[str]]:
+  """Reads and labels the maps of a video run, before any frame is made.
+
+  --content_map is one map for every frame (an image file), or one map per
+  selected frame (a directory of .png/.jpg maps or a glob of them, taken
+  in natural order as the frames are, and paired with the selected frames
+  by that order: the i-th map for the i-th frame synthesised, so their
+  count must be the number of frames after --frames and --max_frames).
+  It is never looked up beside the clip. --style_map as for images (or
+  NAME_sem.png beside each style image). Each content map is resized
+  (nearest) to the frames' (h, w) = frame_shape when its aspect ratio
+  agrees, as an image's is.
+
+  Returns (None, notes) for a run without maps, else (VideoMaps, log
+  lines; those starting 'WARNING ' are warnings). Raises ConfigError,
+  ImageError or VideoError naming the flag (one line) on a count of maps
+  that does not match the frames or an unreadable map.
+  """
+  from cnnmrf_jax import video_io  # pylint: disable=g-import-not-at-top
+  # The clip is no image file: no NAME_sem.png beside it.
+  paths, notes = find(config_lib.replace(config, content_image=""))
+  if paths is None:
+    return None, notes
+  if len(paths.styles) != len(style_shapes):
+    raise config_lib.ConfigError(
+        f"--style_map: {len(paths.styles)} map(s) for {len(style_shapes)} "
+        "style image(s); expected one per --style_image")
+  files = video_io.frame_files(paths.content, flag="--content_map")
+  if files is None:
+    files = [paths.content]
+  elif len(files) != num_frames:
+    raise config_lib.ConfigError(
+        f"--content_map: {paths.content} holds {len(files)} map(s) for "
+        f"{num_frames} selected frame(s); expected one map per selected "
+        "frame (paired in natural order) or a single image for all frames")
+  else:
+    notes.append(f"--content_map: {len(files)} per-frame maps from "
+                 f"{paths.content}, {pathlib.Path(files[0]).name} for the "
+                 f"first frame ... {pathlib.Path(files[-1]).name} for the "
+                 "last")
+  content, resized = [], []
+  for path in files:
+    colours, more = _read(str(path), "content_map", frame_shape)
+    content.append(colours)
+    resized += more
+  # One line for the resized maps, not one per frame.
+  notes += resized[:1]
+  if len(resized) > 1:
+    notes.append(f"--content_map: {len(resized) - 1} more map(s) resized "
+                 "likewise")
+  styles = []
+  for path, shape in zip(paths.styles, style_shapes):
+    colours, more = _read(path, "style_map", shape)
+    notes += more
+    styles.append(colours)
+  palette, warnings = label_palette(
+      content + styles, ["content_map"] * len(content) +
+      ["style_map"] * len(styles), num_content=len(content))
+  notes.append(f"semantic maps: {len(palette)} labels "
+               f"({', '.join(_hex(c) for c in palette)})")
+  return (VideoMaps(content, [onehot(m, palette) for m in styles], palette),
+          notes + [f"WARNING {w}" for w in warnings])
 
 
 def equalize_labels(extras: Optional[List[Dict[str, Any]]]) -> None:

@@ -53,9 +53,12 @@ class Inputs:
     shape = lambda a: None if a is None else tuple(a.shape[:2])
     extras = self.extras or [{}] * len(self.styles)
     # Doodle mode: no content image; the content map is the canvas.
+    labels = lambda e: (0 if e.get("content_map") is None
+                        else int(e["content_map"].shape[-1]))
     return [plan.InputSizes(shape(c if c is not None
                                   else e.get("content_map")),
-                            tuple(shape(s) for s in styles), shape(i))
+                            tuple(shape(s) for s in styles), shape(i),
+                            num_labels=labels(e))
             for c, styles, i, e in zip(self.contents, self.styles,
                                        self.init_images, extras)]
 

@@ -344,11 +344,14 @@ def _mrf_loss(config, x, features, targets, weights):
 
 
 def _mrf_tile_loss(config, tile, features, banks, weights):
-  """`_mrf_loss`'s share of one tile's core (losses.mrf_loss_tile)."""
-  if banks.get("synthesis_maps"):
-    raise config_lib.ConfigError(
-        "--tile_size: tiled evaluation does not carry semantic maps yet; "
-        "pass --tile_size=0 (or a smaller --max_size) with maps")
+  """`_mrf_loss`'s share of one tile's core (losses.mrf_loss_tile).
+
+  With semantic maps (banks['synthesis_maps'], {layer: SynthesisMap} of the
+  whole grid, [P, Dm] rows in row-major grid order), each of the tile's
+  grid patches is matched with the content map's patch at its own grid
+  position, so the tiles' matches are the whole image's.
+  """
+  synthesis_maps = banks.get("synthesis_maps") or {}
   kwargs = chunk_kwargs(config)
   del kwargs["matching"]  # a tile's patches are extracted; matmul scores
   values, partial = {}, {}
@@ -356,28 +359,43 @@ def _mrf_tile_loss(config, tile, features, banks, weights):
     bank = banks[layer]
     view = tile.layer(layer, config.network)
     num_rows, num_cols = tile.tiling.grid
-    row_tables = tiling_lib.grid_tables(
-        view.map_size[0], num_rows, view.core, view.halo, config.patch_size,
-        config.synth_stride)
-    col_tables = tiling_lib.grid_tables(
-        view.map_size[1], num_cols, view.core, view.halo, config.patch_size,
-        config.synth_stride)
+    axes = ((view.map_size[0], num_rows), (view.map_size[1], num_cols))
+    row_tables, col_tables = (tiling_lib.grid_tables(
+        side, count, view.core, view.halo, config.patch_size,
+        config.synth_stride) for side, count in axes)
     rows, row_valid, row_owned = (jnp.asarray(t)[view.index[0]]
                                   for t in row_tables)
     cols, col_valid, col_owned = (jnp.asarray(t)[view.index[1]]
                                   for t in col_tables)
+    tile_map = None
+    if layer in synthesis_maps:
+      whole = synthesis_maps[layer]
+      row_index, col_index = (jnp.asarray(tiling_lib.grid_index_tables(
+          side, count, view.core, view.halo, config.patch_size,
+          config.synth_stride))[i] for (side, count), i in zip(axes,
+                                                                view.index))
+      grid_cols = len(patches.grid_positions(
+          view.map_size[1], config.patch_size, config.synth_stride))
+      # [R * Cc] rows of the whole grid's [P, Dm] map patches, in the
+      # row-major order extract_at gives the tile's patches.
+      index = (row_index[:, None] * grid_cols + col_index[None, :]).reshape(-1)
+      tile_map = patches.SynthesisMap(
+          patches=jnp.take(whole.patches, index, axis=0),
+          labels=jnp.take(whole.labels, index))
     value, partial[layer] = losses.mrf_loss_tile(
         features[layer], bank, weight=weights[layer], rows=rows, cols=cols,
         patch_mask=(row_valid[:, None] & col_valid[None, :]).reshape(-1),
         owned=(row_owned[:, None] & col_owned[None, :]).reshape(-1),
         core=(view.halo, view.halo, view.core, view.core),
         patch_size=config.patch_size,
-        threshold=config.confidence_threshold, **kwargs)
+        threshold=config.confidence_threshold, synth_map=tile_map, **kwargs)
     values[layer] = value
   return values, partial
 
 
 def _mrf_tile_stats(config, partial):
+  """`_mrf_loss`'s stats (label_agreement too, with maps) from the tiles'
+  summed partial statistics."""
   del config
   stats = {}
   for layer, layer_partial in partial.items():

@@ -114,7 +114,8 @@ def stride_and_halo(config: config_lib.Config) -> Tuple[int, int]:
   for layer in layers:
     before, after, step = vgg.receptive_field(layer, config.network)
     margin = 0
-    if config.mode in ("transfer", "texture") and layer in config.mrf_layers:
+    if (config.mode in ("transfer", "texture", "doodle") and
+        layer in config.mrf_layers):
       margin = (config.patch_size - 1) * step
     reach = max(reach, before + margin, after + margin)
   return stride, _round_up(reach, stride)
@@ -250,6 +251,27 @@ def grid_tables(map_side: int, num_tiles: int, core: int, halo: int,
     if corners:  # padding repeats a real corner, masked out
       local[t, len(corners):] = corners[0] - offset
   return local, valid, owned
+
+
+def grid_index_tables(map_side: int, num_tiles: int, core: int, halo: int,
+                      patch_size: int, stride: int) -> np.ndarray:
+  """`grid_tables`' corners as indices into the whole map's grid.
+
+  int32 [num_tiles, n]: for tile t, the position in
+  `patches.grid_positions(map_side, ...)` of each of its corners (padding
+  repeats a real corner's, as there). Whatever the whole map has per grid
+  patch (a `patches.SynthesisMap`'s rows: [rows * cols, ...] row-major)
+  is taken for a tile's patches with these, row index times the grid's
+  number of columns plus column index.
+  """
+  local, _, _ = grid_tables(map_side, num_tiles, core, halo, patch_size,
+                            stride)
+  grid = patches.grid_positions(map_side, patch_size, stride)
+  offsets = np.arange(num_tiles)[:, None] * core - halo
+  index = np.searchsorted(grid, local + offsets)
+  # Only tiles with no corner at all (a core past a tiny map) miss.
+  index = np.minimum(index, len(grid) - 1)
+  return index.astype(np.int32)
 
 
 def core_slice(array: jnp.ndarray, layer_tile: LayerTile) -> jnp.ndarray:

@@ -30,17 +30,25 @@ OUT holds:
                           plan, checkpoint while unfinished)
     flows/                the flows (flow.FlowCache)
     video_log.jsonl       one record per frame: seconds, flow seconds, the
-                          temporal error against the previous frame
+                          temporal error against the previous frame (with
+                          semantic maps also label_agreement_LAYER)
     video_flags.txt       the resolved flags (--flagfile reproduces the run)
     result.mp4            the stylised clip; side_by_side.mp4 with
                           --side_by_side (content left, result right)
+
+Semantic maps (semantic.py): --content_map is one map for every frame,
+or a directory or glob of maps, one per selected frame, paired with the
+frames in natural order (`semantic.load_video`); --style_map as for
+images. Each frame's synthesis matches with its frame's map, resized to
+the frame's levels as an image's is; all maps share one set of labels.
 
 --resume continues a stopped run at its first unfinished frame (inside it
 from the frame's checkpoint): the frames already written are kept, and the
 result is that of a run straight through. Bad input (an unreadable or empty
 video, frames of different sizes, OpenCV missing, flow offsets that are not
-positive or lack 1, ...) fails before any work, one line naming the flag,
-exit 2; an interrupted run exits 130.
+positive or lack 1, a count of per-frame maps other than the number of
+frames, an unreadable map, ...) fails before any work, one line naming the
+flag, exit 2; an interrupted run exits 130.
 """
 
 import copy
@@ -315,6 +323,21 @@ def _load_styles(config):
   return styles
 
 
+def _load_maps(config, frame_shape, num_frames, style_sizes):
+  """The run's `semantic.VideoMaps` (None without maps), its notes logged;
+  raises naming the flag on a map count that does not match the frames or
+  an unreadable map."""
+  from cnnmrf_jax import semantic  # pylint: disable=g-import-not-at-top
+  maps, notes = semantic.load_video(config, frame_shape, num_frames,
+                                    style_sizes)
+  for note in notes:
+    if note.startswith("WARNING "):
+      logging.warning("%s", note[len("WARNING "):])
+    else:
+      logging.info("%s", note)
+  return maps
+
+
 def _padded(array, size):
   """[K, ...] padded with zeros to [size, ...] (static shapes whatever the
   number of earlier frames a frame near the start has)."""
@@ -361,12 +384,14 @@ def run(config: config_lib.Config, options: VideoOptions, workdir: str, *,
   first_config, later_config = frame_configs(config)
   style_sizes = tuple(s.shape[:2] for s in styles)
   content_size = (clip.height, clip.width)
+  maps = _load_maps(config, content_size, len(clip), style_sizes)
+  num_labels = maps.num_labels if maps else 0
   first_plan = plan_lib.make(first_config, [plan_lib.InputSizes(
-      content_size, style_sizes)])
+      content_size, style_sizes, num_labels=num_labels)])
   plan_lib.check(first_config, first_plan)
   output_size = first_plan.output_size
   later_plan = plan_lib.make(later_config, [plan_lib.InputSizes(
-      content_size, style_sizes, output_size)])
+      content_size, style_sizes, output_size, num_labels=num_labels)])
   plan_lib.check(later_config, later_plan)
   out = _Outdir(workdir, config, options)
   out.prepare()
@@ -414,7 +439,8 @@ def run(config: config_lib.Config, options: VideoOptions, workdir: str, *,
       frame_synth = synthesizer(later)
       content = at_size[t]
       inputs, temporal_in = _frame_inputs(
-          t, clip[t], styles, content, results, pairs, jumps, frame_synth)
+          t, clip[t], styles, content, results, pairs, jumps, frame_synth,
+          maps.extras(t) if maps else None)
       run_plan = later_plan if later else first_plan
       frame_dir = out.frame_workdir(t)
       resume = ((frame_dir / "checkpoint.npz").exists() and
@@ -457,14 +483,15 @@ def run(config: config_lib.Config, options: VideoOptions, workdir: str, *,
 
 
 def _frame_inputs(t, frame, styles, content, results, pairs, jumps,
-                  synthesizer):
+                  synthesizer, map_extras=None):
   """(synthesize.Inputs, flow.TemporalInputs or None) of frame t.
 
   frame: the content frame as read; content: it at the output size.
   results: {t: RGB result} of the earlier frames; pairs: the frame's flows
   (`FlowPrefetcher.flows`). The temporal targets are the previous results
   warped at the output size in the preprocessed space, their K jumps
-  padded with zero weights to len(jumps).
+  padded with zero weights to len(jumps). map_extras: the frame's semantic
+  maps (`semantic.VideoMaps.extras`), or None.
   """
   # pylint: disable=g-import-not-at-top
   from cnnmrf_jax import flow
@@ -475,8 +502,9 @@ def _frame_inputs(t, frame, styles, content, results, pairs, jumps,
   # pylint: enable=g-import-not-at-top
   temporal_in = flow.temporal_inputs(pairs)
   if temporal_in is None:
-    return synthesize.Inputs(contents=[frame], styles=[styles],
-                             init_images=[None]), None
+    return synthesize.Inputs(
+        contents=[frame], styles=[styles], init_images=[None],
+        extras=[dict(map_extras)] if map_extras else None), None
   previous = np.stack([results[t - j] for j in temporal_in.jumps])
   # Jump 1's weights are its own consistency weights (long-term weights
   # only change the longer jumps').
@@ -486,10 +514,11 @@ def _frame_inputs(t, frame, styles, content, results, pairs, jumps,
   warped = temporal.warp_batch(
       vgg.preprocess(previous, synthesizer.convention),
       temporal_in.backward_flows)
-  extras = {terms.TEMPORAL_EXTRA: {
+  extras = dict(map_extras or {})
+  extras[terms.TEMPORAL_EXTRA] = {
       "warped": _padded(np.asarray(warped, np.float32), len(jumps)),
       "weights": _padded(np.asarray(temporal_in.weights, np.float32),
-                         len(jumps))}}
+                         len(jumps))}
   return synthesize.Inputs(contents=[frame], styles=[styles],
                            init_images=[np.asarray(init, np.float32)],
                            extras=[extras]), temporal_in
@@ -513,7 +542,13 @@ def _frame_record(t, num_frames, result, t0, flow_wait, flow_seconds,
             "loss": float(np.mean(last.get("loss", [np.nan]))),
             "temporal": (float(np.mean(last["temporal"]))
                          if "temporal" in last else None)}
-  text = ""
+  # Semantic maps: the share of the last iteration's matches that kept
+  # the frame's map label, per MRF layer (as the frame's log.jsonl).
+  agreement = {k: float(np.mean(v)) for k, v in last.items()
+               if k.startswith("label_agreement_")}
+  record.update(agreement)
+  text = "".join(f", {k.replace('_', ' ', 1).replace('_', ' ', 1)} "
+                 f"{v:.3f}" for k, v in agreement.items())
   if temporal_in is not None:
     # Frame t against frame t-1 as written, and the content's own change
     # over the same flow: their ratio is 1 for a result as steady as its
@@ -529,8 +564,8 @@ def _frame_record(t, num_frames, result, t0, flow_wait, flow_seconds,
     ratio = error / max(content_error, 1e-12)
     overlap = ("overlapped" if flow_wait < 0.5 * max(flow_seconds, 1e-9)
                else f"waited {flow_wait:.2f} s")
-    text = (f", temporal error {error:.3g} ({ratio:.2f}x the content's), "
-            f"flow {flow_seconds:.2f} s ({overlap})")
+    text += (f", temporal error {error:.3g} ({ratio:.2f}x the content's), "
+             f"flow {flow_seconds:.2f} s ({overlap})")
   logging.info("frame %d/%d done in %.1f s%s", t + 1, num_frames, seconds,
                text)
   return record

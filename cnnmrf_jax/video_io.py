@@ -161,19 +161,23 @@ def _natural_key(path: pathlib.Path):
           for part in re.split(r"(\d+)", path.name)]
 
 
-def _frame_files(path: str) -> Optional[List[pathlib.Path]]:
-  """Frame image files for a directory or glob, None for anything else."""
+def frame_files(path: str, flag: str = CONTENT_FLAG
+                ) -> Optional[List[pathlib.Path]]:
+  """Frame image files for a directory or glob (natural order), None for
+  anything else; VideoError naming `flag` when there are none. Per-frame
+  semantic maps (--content_map) are listed by the same rule, so they pair
+  with the frames in order."""
   if _GLOB_CHARS.search(path) and not os.path.exists(path):
     files = [pathlib.Path(p) for p in glob.glob(path)]
     files = [p for p in files if p.is_file()]
     if not files:
-      raise VideoError(f"{CONTENT_FLAG} {path}: the pattern matches no files")
+      raise VideoError(f"{flag} {path}: the pattern matches no files")
     return sorted(files, key=_natural_key)
   if os.path.isdir(path):
     files = [p for p in pathlib.Path(path).iterdir()
              if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS]
     if not files:
-      raise VideoError(f"{CONTENT_FLAG} {path}: the directory holds no "
+      raise VideoError(f"{flag} {path}: the directory holds no "
                        f"{'/'.join(FRAME_EXTENSIONS)} frames")
     return sorted(files, key=_natural_key)
   return None
@@ -277,7 +281,7 @@ def read_frames(path: PathLike, *, frames: Union[None, str, slice] = None,
   spec = parse_frames(frames)
   max_frames = _check_max_frames(max_frames)
   text = os.fspath(path)
-  files = _frame_files(text)
+  files = frame_files(text)
   if files is not None:
     return _read_frame_files(files, text, spec, max_frames)
   if not os.path.exists(text):

@@ -271,6 +271,33 @@ def test_gradient_with_maps_is_the_plain_gradient_of_its_matches():
     assert np.any(np.asarray(plain) != np.asarray(indices))
 
 
+def test_the_memory_estimate_counts_map_channels():
+  sizes = dict(content=(256, 256), styles=((256, 256),))
+  config = _config(max_size=256)
+
+  def estimate(num_labels, **changes):
+    run_plan = plan_lib.make(config_lib.replace(config, **changes), [
+        plan_lib.InputSizes(**sizes, num_labels=num_labels)])
+    return run_plan.levels[-1], run_plan.memory_bytes
+
+  level, mapped = estimate(4)
+  _, plain = estimate(0)
+  assert level.num_labels == 4
+  # At least the bank's map patches (3 copies, float32), at most a fraction
+  # of the rest: 4 labels are 36 values a patch against 2304 and 4608.
+  bank_maps = sum(4 * 3 * m.bank_size * 9 * 4 for m in level.mrf)
+  assert bank_maps <= mapped - plain < 0.2 * plain
+  assert estimate(4, semantic_weight=0.0)[1] == estimate(0)[1]
+  tiled = {n: estimate(n, tile_size="96")[1] for n in (0, 4)}
+  assert tiled[4] - tiled[0] >= bank_maps
+  # Inputs carry the label count of their maps into the plan.
+  inputs = targets_lib.Inputs(
+      contents=[np.zeros((8, 8, 3))], styles=[[np.zeros((8, 8, 3))]],
+      init_images=[None], extras=[{"content_map": np.zeros((8, 8, 5)),
+                                   "style_maps": [np.zeros((8, 8, 5))]}])
+  assert inputs.sizes()[0].num_labels == 5
+
+
 # ----------------------------------------------------------------------------
 # Finding and reading maps; bad maps.
 
@@ -378,3 +405,38 @@ def test_batch_of_pairs_with_maps(mapped_images, random_vgg19):
     synthesize.run(config, None, params=random_vgg19[0], convention="caffe",
                    pairs=[(content, (style,)),
                           ("example:astronaut", ("example:coffee",))])
+
+
+def test_batched_pairs_with_maps_equal_each_pair_alone(mapped_images,
+                                                      random_vgg19):
+  """Pair 0 has two labels, pair 1 three (so the batch pads pair 0's label
+  channels): each pair of the batch gives what it gives alone."""
+  root, content, style = mapped_images
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+  content2 = conftest.write_random_image(root / "content2.png", 64, 48, 2)
+  style2 = conftest.write_random_image(root / "style2.png", 48, 64, 3)
+  thirds = lambda h, w: np.minimum(np.mgrid[:h, :w][1] * 3 // w, 2)
+  _save_map(root / "content2_sem.png", thirds(64, 48), [RED, GREEN, BLUE])
+  _save_map(root / "style2_sem.png", thirds(48, 64), [BLUE, GREEN, RED])
+  pairs = [(content, (style,)), (content2, (style2,))]
+  config = config_lib.Config(
+      content_image=content, style_image=(style,), max_size=48, num_res=1,
+      num_iter=(2,), print_every=1, semantic_weight=30.0,
+      # winograd rounds a batch of 2 and of 1 in other orders.
+      conv="xla")
+  params = random_vgg19[0]
+  together = synthesize.run(config, None, params=params, convention="caffe",
+                            pairs=pairs)
+  for n, (c, s) in enumerate(pairs):
+    alone = synthesize.run(config_lib.replace(config, content_image=c,
+                                              style_image=s),
+                           None, params=params, convention="caffe")
+    np.testing.assert_allclose(together.images[n], alone.images[0],
+                               atol=1e-4)
+    for got, want in zip(together.history, alone.history):
+      np.testing.assert_allclose(got["loss"][n], want["loss"][0], rtol=1e-5)
+      for layer in config.mrf_layers:
+        key = f"label_agreement_{layer}"
+        assert got[key][n] == want[key][0], (n, key)
+      # (relu4_1's 6x5 map is too coarse for the thirds to agree.)
+      assert want["label_agreement_relu3_1"][0] > 0.8, n

@@ -1,6 +1,8 @@
 """Tests for exact tiled evaluation (cnnmrf_jax.tiling and its hooks in vgg,
 patches, losses, terms, plan, memory): tiled and whole agree to float
-rounding in value, gradient and the MRF target; the plan tiles when it must.
+rounding in value, gradient and the MRF target, with and without semantic
+maps (then the matches and label agreement too); the plan tiles when it
+must.
 """
 
 import numpy as np
@@ -14,6 +16,7 @@ from cnnmrf_jax import losses
 from cnnmrf_jax import memory
 from cnnmrf_jax import patches
 from cnnmrf_jax import plan
+from cnnmrf_jax import semantic
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import terms
 from cnnmrf_jax import tiling
@@ -126,23 +129,60 @@ def test_grid_tables_cover_every_overlapping_patch_once_owned():
   np.testing.assert_array_equal(owners, 1)
 
 
+def test_grid_index_tables_name_each_corners_grid_position():
+  local, valid, _ = tiling.grid_tables(29, 4, 8, 6, 3, 2)
+  index = tiling.grid_index_tables(29, 4, 8, 6, 3, 2)
+  grid = patches.grid_positions(29, 3, 2)
+  for t in range(4):
+    np.testing.assert_array_equal(grid[index[t]][valid[t]],
+                                  local[t][valid[t]] + t * 8 - 6)
+
+
+def _blocky_labels(rng, size, num_labels=3, block=16):
+  """One-hot [H, W, L] of random labels on blocks of `block` px: regions
+  a patch may lie inside or across."""
+  height, width = size
+  coarse = rng.integers(0, num_labels, (height // block + 1,
+                                        width // block + 1))
+  labels = np.kron(coarse, np.ones((block, block), int))[:height, :width]
+  return np.eye(num_labels, dtype=np.float32)[labels]
+
+
 def _targets(config, params, size, rng, num_rotations=0):
   """Random-weight targets of a pair: a style bank of (rotated) copies and
-  a content map."""
+  a content map; with config.semantic_weight > 0 also random blocky label
+  maps of the style (rotated with it) and of the synthesis, as
+  terms._mrf_build makes them."""
   model = vgg.VGG()
   layers = config.feature_layers()
   style = rng.uniform(0, 1, (48, 44, 3)).astype(np.float32)
   copies = augment.augment_style(style, num_rotations=num_rotations,
                                  num_scales=0)
+  with_maps = config.semantic_weight > 0
+  if with_maps:
+    label_copies = semantic.style_copies(
+        _blocky_labels(rng, (48, 44)), (48, 44),
+        num_rotations=num_rotations, num_scales=0)
   maps = {l: [] for l in config.mrf_layers}
-  for copy in copies:
+  label_maps = {l: [] for l in config.mrf_layers}
+  for index, copy in enumerate(copies):
     features = model.apply({"params": params},
                            vgg.preprocess(jnp.asarray(copy))[None],
                            outputs=layers)
     for l in config.mrf_layers:
       maps[l].append(features[l][0])
-  banks = {l: patches.build_bank(maps[l], patch_size=3, stride=2)
+      if with_maps:
+        label_maps[l].append(semantic.layer_map(label_copies[index], l))
+  banks = {l: patches.build_bank(
+      maps[l], patch_size=3, stride=2,
+      semantic_maps=label_maps[l] if with_maps else None)
            for l in config.mrf_layers}
+  if with_maps:
+    canvas = _blocky_labels(rng, size)
+    banks["synthesis_maps"] = {
+        l: patches.synthesis_map(semantic.layer_map(canvas, l),
+                                 weight=config.semantic_weight)
+        for l in config.mrf_layers}
   content = jnp.asarray(rng.normal(0, 50, size + (3,)).astype(np.float32))
   content_features = model.apply({"params": params}, content[None],
                                  outputs=config.content_layers)
@@ -152,13 +192,21 @@ def _targets(config, params, size, rng, num_rotations=0):
           "tv": {}, "weights": terms.loss_weights(config)}, len(copies)
 
 
-@pytest.mark.parametrize("size,tile_size,num_rotations,threshold", [
-    ((75, 61), 24, 0, 0.5),   # odd sides, 24 divides neither; a threshold
-    ((64, 64), 32, 1, 0.0),   # tiles that divide; rotated style copies
-])
+@pytest.mark.parametrize(
+    "size,tile_size,num_rotations,threshold,semantic_weight", [
+        # odd sides, 24 divides neither; a threshold
+        ((75, 61), 24, 0, 0.5, 0.0),
+        # tiles that divide; rotated style copies
+        ((64, 64), 32, 1, 0.0, 0.0),
+        # semantic maps (rotated with their copies); tiles that divide
+        # neither side
+        ((75, 61), 24, 1, 0.0, 10.0),
+    ])
 def test_tiled_objective_equals_the_whole(params, size, tile_size,
-                                          num_rotations, threshold):
-  config = _config(confidence_threshold=threshold)
+                                          num_rotations, threshold,
+                                          semantic_weight):
+  config = _config(confidence_threshold=threshold,
+                   semantic_weight=semantic_weight)
   rng = np.random.default_rng(3)
   targets, num_copies = _targets(config, params, size, rng, num_rotations)
   assert num_copies == 2 * num_rotations + 1
@@ -177,16 +225,24 @@ def test_tiled_objective_equals_the_whole(params, size, tile_size,
   for name in aux0["terms"]:
     np.testing.assert_allclose(aux1["terms"][name], aux0["terms"][name],
                                rtol=1e-5, err_msg=name)
+  assert sorted(aux1["stats"]) == sorted(aux0["stats"])
   for name in aux0["stats"]:
     np.testing.assert_allclose(aux1["stats"][name], aux0["stats"][name],
                                rtol=1e-5, err_msg=name)
+    if not name.startswith("mean_ncc"):  # counts: the same matches
+      assert aux1["stats"][name] == aux0["stats"][name], name
   assert aux0["stats"]["num_matched_relu3_1"] > 0
+  if semantic_weight:
+    for layer in config.mrf_layers:
+      agreement = aux0["stats"][f"label_agreement_{layer}"]
+      assert 0.5 < agreement <= 1, (layer, agreement)
   scale = float(jnp.max(jnp.abs(g0)))
   np.testing.assert_allclose(g1 / scale, g0 / scale, rtol=0, atol=1e-5)
 
 
-def test_tiled_mrf_target_is_the_whole_maps(params):
-  config = _config()
+@pytest.mark.parametrize("semantic_weight", [0.0, 10.0])
+def test_tiled_mrf_target_is_the_whole_maps(params, semantic_weight):
+  config = _config(semantic_weight=semantic_weight)
   size, tile_size = (75, 61), 24
   rng = np.random.default_rng(4)
   targets, _ = _targets(config, params, size, rng)
@@ -195,15 +251,21 @@ def test_tiled_mrf_target_is_the_whole_maps(params):
   layer = "relu3_1"
   whole = model.apply({"params": params}, x[None], outputs=[layer])[layer][0]
   bank = targets["mrf"][layer]
-  indices, scores = patches.match_map(whole, bank)
+  synth_map = targets["mrf"].get("synthesis_maps", {}).get(layer)
+  indices, scores = patches.match_map(whole, bank, synth_map=synth_map)
   keep = scores > -jnp.inf
   summed, count = patches.fold(jnp.take(bank.patches, indices, axis=0),
                                height=whole.shape[0], width=whole.shape[1],
                                channels=whole.shape[2], patch_size=3,
                                stride=2, mask=keep)
   want = np.asarray(jnp.where(count > 0, summed / jnp.maximum(count, 1), 0))
+  grid_rows, grid_cols = (patches.grid_positions(n, 3, 2)
+                          for n in whole.shape[:2])
+  # The whole map's match of every grid patch, [rows, cols].
+  want_indices = np.asarray(indices).reshape(len(grid_rows), len(grid_cols))
   tiles = tiling.make(config, size, tile_size)
   got = np.full_like(want, np.nan)
+  matched = 0
   halo = tiles.halo
   padded = jnp.pad(x, ((halo, halo + 96), (halo, halo + 96), (0, 0)))
   for row in range(tiles.grid[0]):
@@ -220,11 +282,26 @@ def test_tiled_mrf_target_is_the_whole_maps(params):
                 for a in (0, 1)]
       (rows, row_valid, _), (cols, col_valid, _) = [
           [t[i] for t in table] for table, i in zip(tables, (row, col))]
-      tbar, _, _, _, _ = losses.mrf_target_tile(
+      row_index, col_index = [tiling.grid_index_tables(
+          view.map_size[a], tiles.grid[a], view.core, view.halo, 3, 2)[i]
+                              for a, i in zip((0, 1), (row, col))]
+      tile_map = None
+      if synth_map is not None:
+        flat = (row_index[:, None] * len(grid_cols) +
+                col_index[None, :]).reshape(-1)
+        tile_map = patches.SynthesisMap(synth_map.patches[flat],
+                                        synth_map.labels[flat])
+      mask = (row_valid[:, None] & col_valid[None, :]).reshape(-1)
+      tbar, _, tile_indices, _, _ = losses.mrf_target_tile(
           crop_features, bank, rows=jnp.asarray(rows),
-          cols=jnp.asarray(cols),
-          patch_mask=jnp.asarray((row_valid[:, None] &
-                                  col_valid[None, :]).reshape(-1)))
+          cols=jnp.asarray(cols), patch_mask=jnp.asarray(mask),
+          synth_map=tile_map)
+      # Every valid patch of the tile took the whole map's match.
+      np.testing.assert_array_equal(
+          np.asarray(tile_indices)[mask],
+          want_indices[row_index[:, None], col_index[None, :]].reshape(-1)[
+              mask])
+      matched += int(mask.sum())
       core = np.asarray(tbar)[view.halo:view.halo + view.core,
                               view.halo:view.halo + view.core]
       r0, c0 = view.origin
@@ -232,7 +309,11 @@ def test_tiled_mrf_target_is_the_whole_maps(params):
       w = min(view.core, want.shape[1] - c0)
       got[r0:r0 + h, c0:c0 + w] = core[:h, :w]
   assert not np.isnan(got).any()
+  assert matched >= want_indices.size
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if synth_map is not None:  # the maps steered the matches
+    plain, _ = patches.match_map(whole, bank)
+    assert np.any(np.asarray(plain) != np.asarray(indices))
 
 
 def test_halo_is_the_deepest_reach_plus_the_patch_margin():
@@ -242,6 +323,10 @@ def test_halo_is_the_deepest_reach_plus_the_patch_margin():
   assert tiling.stride_and_halo(_config(mrf_layers=("relu3_1",),
                                         content_layers=("relu4_2",))) == (
                                             8, 48)
+  # Doodle: no content term, the MRF layers' patch margin all the same.
+  doodle = config_lib.Config(mode="doodle", content_map="m.png",
+                             style_image=("s.png",))
+  assert tiling.stride_and_halo(doodle) == (8, 56)
 
 
 def test_tile_size_flag_is_checked():
@@ -306,7 +391,18 @@ def test_gatys_is_not_tiled():
     plan.make(config_lib.replace(config, tile_size="256"), _INPUTS)
 
 
-def test_a_tiled_run_gives_the_whole_runs_result(tiny_images, random_vgg19):
+def _save_halves(path, size, vertical, colours=((255, 0, 0), (0, 0, 255))):
+  """A two-colour map PNG of `size`, split left/right or top/bottom."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rows, cols = np.mgrid[:size[0], :size[1]]
+  half = (cols >= size[1] // 2) if vertical else (rows >= size[0] // 2)
+  Image.fromarray(np.asarray(colours, np.uint8)[half.astype(int)]).save(path)
+  return str(path)
+
+
+@pytest.mark.parametrize("with_maps", [False, True])
+def test_a_tiled_run_gives_the_whole_runs_result(tiny_images, random_vgg19,
+                                                 tmp_path, with_maps):
   # One level, two iterations: later L-BFGS steps amplify float rounding
   # (the two differ in summation order) past any useful tolerance.
   params, convention = random_vgg19
@@ -316,6 +412,10 @@ def test_a_tiled_run_gives_the_whole_runs_result(tiny_images, random_vgg19):
               # winograd's tile transforms round differently on a crop
               # than on the whole image; the tiling itself is the point.
               conv="xla")
+  if with_maps:  # content 40x48, style 44x40
+    base.update(content_map=_save_halves(tmp_path / "c.png", (40, 48), False),
+                style_map=(_save_halves(tmp_path / "s.png", (44, 40), True),),
+                semantic_weight=30.0)
   whole = synthesize.run(config_lib.Config(tile_size="0", **base),
                          params=params, convention=convention)
   tiled = synthesize.run(config_lib.Config(tile_size="24", **base),
@@ -324,4 +424,9 @@ def test_a_tiled_run_gives_the_whole_runs_result(tiny_images, random_vgg19):
   for a, b in zip(whole.history, tiled.history):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     assert b["num_matched_relu3_1"] == a["num_matched_relu3_1"]
+    if with_maps:
+      for layer in ("relu3_1", "relu4_1"):
+        key = f"label_agreement_{layer}"
+        assert b[key] == a[key], key
+        assert a[key][0] > 0.9, (key, a[key])
   np.testing.assert_allclose(tiled.images, whole.images, atol=1e-4)

@@ -1,7 +1,8 @@
 """Tests of cnnmrf_jax.video and the temporal term (terms.TEMPORAL): a
 synthetic clip (a textured image translated by known shifts) at 48x64 px on
 random weights, end to end; the term against finite differences; resume
-after a kill; bad input."""
+after a kill; semantic maps (one for all frames, one per frame); bad
+input."""
 
 import json
 import pathlib
@@ -210,6 +211,110 @@ def test_resume_refuses_other_flags(clip_dir, tiny_images, random_vgg19,
   with pytest.raises(config_lib.ConfigError, match="temporal_weight"):
     run_video(clip_dir, tiny_images["style"], straight[1], random_vgg19,
               temporal_weight=3.0, resume=True)
+
+
+# ----------------------------------------------------------------------------
+# Semantic maps: one for every frame, or one per selected frame.
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def _save_map(path, size, split, flip=False):
+  """A red/blue map PNG of size (h, w): top/bottom (split 'rows') or
+  left/right ('cols') halves; flip swaps the colours."""
+  rows, cols = np.mgrid[:size[0], :size[1]]
+  half = (rows >= size[0] // 2) if split == "rows" else (cols >= size[1] // 2)
+  colours = np.asarray([BLUE, RED] if flip else [RED, BLUE], np.uint8)
+  Image.fromarray(colours[half.astype(int)]).save(path)
+  return str(path)
+
+
+def _run_with_maps(clip, style, style_map, content_map, workdir, params,
+                   monkeypatch):
+  """A 2-frame run (--max_frames=2 of the 3-frame clip) at 48 px with the
+  maps at a high semantic weight; returns (result, the content map each
+  frame's synthesis got)."""
+  got = []
+  real = synthesize.synthesize
+
+  def spying(synthesizer, inputs, run_plan, frame_workdir, **kwargs):
+    got.append(inputs.extras[0]["content_map"])
+    return real(synthesizer, inputs, run_plan, frame_workdir, **kwargs)
+
+  monkeypatch.setattr(synthesize, "synthesize", spying)
+  config = tiny_config(style, max_size=48, num_iter=(3,),
+                       video_num_iter=(3,), content_map=content_map,
+                       style_map=(style_map,), semantic_weight=100.0)
+  result = video.run(config, video.VideoOptions(clip, max_frames=2),
+                     str(workdir), params=params[0], convention=params[1])
+  return result, got
+
+
+def _check_agreement(result, workdir):
+  """Label agreement is in video_log.jsonl and each frame's log, and high."""
+  assert len(result.records) == 2
+  for t, record in enumerate(result.records):
+    assert record["label_agreement_relu3_1"] >= 0.9, record
+    log = [json.loads(l) for l in (workdir / "work" / f"{t + 1:05d}" /
+                                   "log.jsonl").read_text().splitlines()]
+    assert log[-1]["label_agreement_relu3_1"][0] == pytest.approx(
+        record["label_agreement_relu3_1"])
+
+
+def test_one_map_for_every_frame(clip_dir, tiny_images, random_vgg19,
+                                 tmp_path, monkeypatch):
+  # Half the frames' size (48x64), same aspect: resized as an image's map.
+  content_map = _save_map(tmp_path / "doodle.png", (24, 32), "rows")
+  style_map = _save_map(tmp_path / "style_sem.png", (44, 40), "cols")
+  result, got = _run_with_maps(clip_dir, tiny_images["style"], style_map,
+                               content_map, tmp_path / "out", random_vgg19,
+                               monkeypatch)
+  _check_agreement(result, tmp_path / "out")
+  assert [m.shape for m in got] == [(48, 64, 2)] * 2
+  np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_a_map_per_frame(clip_dir, tiny_images, random_vgg19, tmp_path,
+                         monkeypatch):
+  maps = tmp_path / "maps"
+  maps.mkdir()
+  # Natural order: m2 before m10; the second frame's map has its colours
+  # swapped, so a frame given the other's map would show it.
+  _save_map(maps / "m2.png", (48, 64), "rows")
+  _save_map(maps / "m10.png", (48, 64), "rows", flip=True)
+  style_map = _save_map(tmp_path / "style_sem.png", (44, 40), "cols")
+  result, got = _run_with_maps(clip_dir, tiny_images["style"], style_map,
+                               str(maps), tmp_path / "out", random_vgg19,
+                               monkeypatch)
+  _check_agreement(result, tmp_path / "out")
+  red = 1  # the palette is sorted by colour code: blue 0x0000ff, red
+  assert got[0][0, 0].argmax() == red and got[1][0, 0].argmax() != red
+  np.testing.assert_array_equal(got[0][::-1], got[1])
+
+
+@pytest.mark.parametrize("case", ["too few maps", "unreadable map",
+                                  "empty glob"])
+def test_bad_video_maps_fail_in_one_line(case, clip_dir, tiny_images,
+                                         tmp_path, capsys):
+  maps = tmp_path / "maps"
+  maps.mkdir()
+  _save_map(maps / "m0.png", (48, 64), "rows")
+  _save_map(maps / "m1.png", (48, 64), "rows")
+  (tmp_path / "broken.png").write_text("not an image")
+  content_map, message = {
+      "too few maps": (maps, "2 map(s) for 3 selected frame(s)"),
+      "unreadable map": (tmp_path / "broken.png", "broken.png"),
+      "empty glob": (tmp_path / "none_*.png", "matches no files")}[case]
+  style_map = _save_map(tmp_path / "style_sem.png", (44, 40), "cols")
+  code, err = _command([f"--content_video={clip_dir}",
+                        f"--style_image={tiny_images['style']}",
+                        f"--content_map={content_map}",
+                        f"--style_map={style_map}",
+                        f"--workdir={tmp_path / 'out'}"], capsys)
+  assert code == 2, err
+  assert "--content_map" in err and message in err, err
+  assert len(err.splitlines()) == 1
+  assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------

@@ -20,6 +20,9 @@ Reads one JSON request per line on stdin, answers one JSON line on stdout:
       one `torch.optim.LBFGS(max_iter=1).step(closure)` of that setting:
       one closure (forward, losses, backward w.r.t. the image) and the
       L-BFGS direction and update; answers {"seconds": ..., "loss": ...}.
+  {"cmd": "closure", "key": ...}
+      that setting's closure alone (forward, losses, backward; no L-BFGS
+      work), for profiling; answers {"seconds": ...}.
   {"cmd": "drop", "key": ...} frees a setting.
   {"cmd": "quit"}
 
@@ -338,6 +341,11 @@ def _answer(request, setups, settings) -> dict:
                 torch=torch.__version__)
   if cmd == "step":
     return settings[request["key"]].step()
+  if cmd == "closure":
+    setting = settings[request["key"]]
+    start = time.perf_counter()
+    setting.closure()
+    return {"seconds": time.perf_counter() - start}
   if cmd == "drop":
     settings.pop(request["key"], None)
     setups.pop(request["key"], None)

@@ -74,6 +74,34 @@ def test_every_mode_runs_and_lowers_the_loss(mode, tiny_images, random_vgg19,
       assert mrf["bank_size"] > 0
 
 
+def _conv_run(images, params, conv):
+  """One level of 3 iterations at 48 px with --conv=conv."""
+  config = tiny_config(images, num_res=1, num_iter=(3,), conv=conv)
+  return synthesize.run(config, params=params[0], convention=params[1])
+
+
+@pytest.fixture(scope="module")
+def xla_run(tiny_images, random_vgg19):
+  return _conv_run(tiny_images, random_vgg19, "xla")
+
+
+@pytest.mark.parametrize("conv", ["xla", "matmul", "winograd", "auto"])
+def test_every_conv_runs_a_synthesis(conv, tiny_images, random_vgg19,
+                                     xla_run):
+  # Finite, the loss falls, and the result is --conv=xla's up to float
+  # rounding, carried through 3 L-BFGS steps and the NCC argmax (a near-tie
+  # may pick another patch: hence the bound on the max, looser than on the
+  # mean).
+  result = _conv_run(tiny_images, random_vgg19, conv)
+  assert np.all(np.isfinite(result.images))
+  (first, last), = level_losses(result.history).values()
+  assert last < first
+  difference = np.abs(result.images - xla_run.images)
+  assert difference.max() < 0.05 and difference.mean() < 2e-3
+  (_, xla_last), = level_losses(xla_run.history).values()
+  np.testing.assert_allclose(last, xla_last, rtol=1e-2)
+
+
 def test_seed_determines_the_noise_init(tiny_images, random_vgg19):
   config = tiny_config(tiny_images, mode="texture", num_res=1, max_size=40,
                        num_iter=(2,), mrf_layers=("relu3_1",))

@@ -750,13 +750,22 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
 # ----------------------------------------------------------------------------
 # Approximate matching: PatchMatch (Barnes et al., SIGGRAPH 2009).
 
+# The approximate matching, beside the exact scans of MATCHINGS: a
+# nearest-neighbour field carried from one evaluation to the next.
+PATCHMATCH = "patchmatch"
+# Every --matching: the exact scans, patchmatch, and auto (the plan picks an
+# exact scan or patchmatch per level, plan.choose_matching).
+MATCHING_CHOICES = MATCHINGS + (PATCHMATCH, "auto")
+
 
 class BankGrid(NamedTuple):
-  """Where each bank patch lies on its copy's grid (static numpy arrays).
+  """Where each bank patch lies on its copy's grid.
 
   starts [S]: first bank index of each copy's map; rows [S], cols [S]: its
-  stride-plus-tail grid. `bank_grid` makes it from the maps' shapes, in
-  `build_bank`'s order.
+  stride-plus-tail grid. `bank_grid` makes it (numpy) from the maps'
+  shapes, in `build_bank`'s order; a driver may stack the grids of several
+  pairs (jnp, traced) and vmap `patchmatch` over them, padding pairs with
+  fewer copies by `pad_grid`.
   """
   starts: np.ndarray
   rows: np.ndarray
@@ -774,10 +783,37 @@ def bank_grid(shapes: Sequence[Sequence[int]], patch_size: int = 3,
                   np.asarray(cols, np.int32))
 
 
+def pad_grid(grid: BankGrid, num_copies: int, bank_size: int) -> BankGrid:
+  """The grid with copies appended up to `num_copies` that hold no bank
+  index (they start at `bank_size`, past every index), so pairs with fewer
+  style copies share one batch."""
+  missing = num_copies - len(grid.starts)
+  if missing < 0:
+    raise ValueError(f"pad_grid: the grid has {len(grid.starts)} copies, "
+                     f"more than {num_copies}")
+  pad = lambda a, value: np.concatenate(
+      [np.asarray(a, np.int32), np.full((missing,), value, np.int32)])
+  return BankGrid(pad(grid.starts, bank_size), pad(grid.rows, 1),
+                  pad(grid.cols, 1))
+
+
+def search_radii(grid: BankGrid) -> np.ndarray:
+  """Random search radii R, R/2, ..., 1 (int32 [n]), R the largest grid
+  side of any copy (Barnes et al. 2009, section 3.2, alpha = 1/2)."""
+  largest = int(max(np.max(grid.rows), np.max(grid.cols)))
+  radii = []
+  radius = largest
+  while radius >= 1:
+    radii.append(radius)
+    radius //= 2
+  return np.asarray(radii, np.int32)
+
+
 def _grid_coords(index, grid: BankGrid):
   """Bank indices -> (copy, row, col) on that copy's grid."""
   starts = jnp.asarray(grid.starts)
   copy = jnp.searchsorted(starts, index, side="right").astype(jnp.int32) - 1
+  copy = jnp.maximum(copy, 0)
   local = index - starts[copy]
   cols = jnp.asarray(grid.cols)[copy]
   return copy, local // cols, local % cols
@@ -792,60 +828,81 @@ def _grid_index(copy, row, col, grid: BankGrid):
   return jnp.asarray(grid.starts)[copy] + row * cols + col
 
 
-def _ncc_numerators(patches, bank: PatchBank, index):
-  """<p_i, t_index(i)> / |t_index(i)| ([P]); -inf on invalid bank rows."""
+def _candidate_scores(patches, inv_p, bank: PatchBank, index, synth_map):
+  """The score that ranks bank patch index(i) for synthesis patch i ([P]).
+
+  Without maps <p_i, t> / |t| (|p_i| is common to every candidate of
+  patch i, so it is left out, as in `_scan_bank`); with maps the feature
+  NCC plus the map part, as `_semantic_scores`. Invalid bank rows score
+  -inf, so they never win.
+  """
   targets = jnp.take(bank.patches, index, axis=0).astype(patches.dtype)
-  dots = jnp.sum(patches * targets, axis=1)
-  return jnp.where(jnp.take(bank.valid, index),
-                   dots * jnp.take(bank.inv_norms, index).astype(dots.dtype),
-                   -jnp.inf)
+  score = jnp.sum(patches * targets, axis=1) * jnp.take(
+      bank.inv_norms, index).astype(patches.dtype)
+  if synth_map is not None:
+    maps = jnp.take(bank.map_patches, index, axis=0).astype(patches.dtype)
+    score = score * inv_p + jnp.sum(
+        synth_map.patches.astype(patches.dtype) * maps, axis=1)
+  return jnp.where(jnp.take(bank.valid, index), score, -jnp.inf)
 
 
 def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
                field: jnp.ndarray, key: jnp.ndarray, *,
                synth_grid: Tuple[int, int], num_passes: int = 1,
-               jumps: Sequence[int] = (4, 2, 1)
+               jumps: Sequence[int] = (4, 2, 1),
+               radii: Optional[jnp.ndarray] = None,
+               synth_map: Optional[SynthesisMap] = None
                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Improves a nearest-neighbour field by PatchMatch, scored by exact NCC.
 
   Each pass: propagation by jump flooding (for each step d in `jumps` and
   each of the four grid directions, the match of the neighbour d grid
   positions away, shifted by d on the style copy's own grid) and random
-  search (candidates uniform within radii R / 2^i around the current match
-  on its copy's grid, R the copy's larger grid side, down to one position,
+  search (one candidate uniform within radius min(r, copy's larger side)
+  around the current match on its copy's grid for each r in `radii`,
   plus one uniformly random bank patch, which may lie in another copy).
-  A candidate replaces the match only if its NCC is strictly higher, so a
-  field never gets worse for fixed patches. Cost per pass: P x (candidates)
-  dot products of length D, not P x M.
+  A candidate replaces the match only if its score is strictly higher, so
+  a field never gets worse for fixed patches. Cost per pass: P x
+  (4 len(jumps) + len(radii) + 1) dot products of length D, not P x M.
 
   Args:
     patches: [P, D] synthesis patches on a synth_grid (rows, cols) grid.
-    bank: the PatchBank; grid: its `BankGrid`.
+    bank: the PatchBank [M, D]; grid: its `BankGrid` (numpy, or traced
+      arrays under vmap).
     field: [P] int32 current matches (random, or carried over).
     key: a PRNG key for the random search.
+    radii: int32 [n] random search radii, largest first; None:
+      `search_radii(grid)` (grid then numpy). Its length is static.
+    synth_map: None, or the synthesis patches' `SynthesisMap` (the bank
+      then carries its map part): candidates are ranked by feature NCC
+      plus map NCC times sqrt(w), as `match` does.
 
   Returns:
-    (field [P] int32, scores [P]) as `match`: unmatched patches (all zero,
-    or meeting only invalid bank rows) get score -inf and index 0.
+    (field [P] int32, scores [P]) as `match`: scores are the feature NCC;
+    unmatched patches (all zero, or meeting only invalid bank rows) get
+    score -inf and index 0.
   """
   _check_bank(patches, bank)
   rows, cols = synth_grid
   if rows * cols != patches.shape[0]:
     raise ValueError(f"patchmatch: synth_grid {synth_grid} does not hold "
                      f"{patches.shape[0]} patches")
+  _check_semantic(bank, synth_map, patches.shape[0])
+  if radii is None:
+    radii = search_radii(grid)
+  dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
+  patches = patches.astype(dtype)
+  inv_p = _inv_norms(jnp.sum(jnp.square(patches), axis=1))
   m = bank.patches.shape[0]
   field = jnp.clip(field.astype(jnp.int32), 0, m - 1)
-  best = _ncc_numerators(patches, bank, field)
-  largest = int(max(np.max(grid.rows), np.max(grid.cols)))
-  radii = []
-  radius = largest
-  while radius >= 1:
-    radii.append(radius)
-    radius //= 2
+  score_of = lambda index: _candidate_scores(patches, inv_p, bank, index,
+                                             synth_map)
+  best = score_of(field)
+  sides = jnp.maximum(jnp.asarray(grid.rows), jnp.asarray(grid.cols))
 
   def consider(carry, candidate):
     field, best = carry
-    score = _ncc_numerators(patches, bank, candidate)
+    score = score_of(candidate)
     better = score > best
     return jnp.where(better, candidate, field), jnp.where(better, score, best)
 
@@ -860,11 +917,13 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
         copy, r, c = _grid_coords(neighbour, grid)
         candidate = _grid_index(copy, r + dr, c + dc, grid)
         field, best = consider((field, best), candidate)
-    keys = jax.random.split(pass_key, len(radii) + 1)
-    for radius, k in zip(radii, keys):
+    keys = jax.random.split(pass_key, radii.shape[0] + 1)
+    for i in range(radii.shape[0]):
       copy, r, c = _grid_coords(field, grid)
-      offsets = jax.random.randint(k, (2,) + field.shape, -radius,
-                                   radius + 1)
+      # Per patch: the radius, capped at its match's copy's larger side.
+      radius = jnp.minimum(radii[i], sides[copy])
+      u = jax.random.uniform(keys[i], (2,) + field.shape)
+      offsets = jnp.floor(u * (2 * radius + 1)).astype(jnp.int32) - radius
       candidate = _grid_index(copy, r + offsets[0], c + offsets[1], grid)
       field, best = consider((field, best), candidate)
     anywhere = jax.random.randint(keys[-1], field.shape, 0, m)
@@ -872,6 +931,89 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
 
   (field, best), _ = lax.scan(one_pass, (field, best),
                               jax.random.split(key, num_passes))
-  dtype = jnp.result_type(patches.dtype, bank.patches.dtype)
-  return _finish(best.astype(dtype), field,
-                 jnp.sum(jnp.square(patches.astype(dtype)), axis=1))
+  if synth_map is not None:
+    return _finish_semantic(best, field, patches, bank)
+  return _finish(best, field, jnp.sum(jnp.square(patches), axis=1))
+
+
+def random_field(key: jnp.ndarray, num_patches_: int, bank_size_: int
+                 ) -> jnp.ndarray:
+  """[num_patches_] int32 bank indices uniform in [0, bank_size_): a
+  PatchMatch field's start where nothing better is known."""
+  return jax.random.randint(key, (num_patches_,), 0, bank_size_, jnp.int32)
+
+
+def _nearest(positions: np.ndarray, where: np.ndarray) -> np.ndarray:
+  """Index of the entry of sorted `positions` nearest to each `where`."""
+  right = np.clip(np.searchsorted(positions, where), 1, len(positions) - 1)
+  left = right - 1
+  if len(positions) == 1:
+    return np.zeros(np.shape(where), np.int64)
+  take_left = np.abs(where - positions[left]) <= np.abs(
+      positions[right] - where)
+  return np.where(take_left, left, right)
+
+
+def upsample_field(field: np.ndarray, *, synth_from: Tuple[int, int],
+                   synth_to: Tuple[int, int],
+                   copies_from: Sequence[Tuple[int, int]],
+                   copies_to: Sequence[Tuple[int, int]],
+                   patch_size: int = 3, synth_stride: int = 2,
+                   style_stride: int = 2) -> np.ndarray:
+  """A coarser level's field carried to a finer level (host side, numpy).
+
+  field [P_from] indexes the bank over style copies whose feature maps are
+  `copies_from` ((h, w) each), for the synthesis patches of a synth_from
+  (h, w) map. Each synthesis patch of the synth_to map takes the match of
+  the nearest coarse patch (positions scaled by the maps' size ratio),
+  moved on its copy's grid by the same scaled position plus the patch's
+  offset from that coarse patch, then snapped to the nearest patch of the
+  copy's finer grid (`copies_to`, same copies in the same order). Indices
+  past the coarse bank's real patches (padding) are clipped into it.
+
+  Returns [P_to] int32, valid indices of the finer bank.
+  """
+  if len(copies_from) != len(copies_to):
+    raise ValueError(f"upsample_field: {len(copies_from)} coarse copies "
+                     f"but {len(copies_to)} fine ones")
+  k = patch_size
+  coarse = bank_grid(copies_from, k, style_stride)
+  fine = bank_grid(copies_to, k, style_stride)
+  real = int(coarse.starts[-1] + coarse.rows[-1] * coarse.cols[-1])
+  field = np.clip(np.asarray(field, np.int64), 0, real - 1)
+
+  def axis_map(size_from, size_to):
+    """Per fine grid entry: the nearest coarse entry and the offset (in
+    fine map units) of the fine patch from it."""
+    fine_pos = grid_positions(size_to, k, synth_stride).astype(np.float64)
+    coarse_pos = grid_positions(size_from, k, synth_stride).astype(
+        np.float64)
+    scale = size_to / size_from
+    nearest = _nearest(coarse_pos, fine_pos / scale)
+    return nearest, fine_pos - coarse_pos[nearest] * scale
+
+  row_of, row_offset = axis_map(synth_from[0], synth_to[0])
+  col_of, col_offset = axis_map(synth_from[1], synth_to[1])
+  coarse_cols = len(grid_positions(synth_from[1], k, synth_stride))
+  source = (row_of[:, None] * coarse_cols + col_of[None, :]).reshape(-1)
+  match = field[source]
+  copy = np.searchsorted(coarse.starts, match, side="right") - 1
+  local = match - coarse.starts[copy]
+  row, col = local // coarse.cols[copy], local % coarse.cols[copy]
+  out = np.empty(len(match), np.int64)
+  d_row = np.repeat(row_offset, len(col_of))
+  d_col = np.tile(col_offset, len(row_of))
+  for s, (size_from, size_to) in enumerate(zip(copies_from, copies_to)):
+    here = copy == s
+    if not np.any(here):
+      continue
+    new_rc = []
+    for axis, (index, offset) in enumerate(((row, d_row), (col, d_col))):
+      from_pos = grid_positions(size_from[axis], k, style_stride)
+      to_pos = grid_positions(size_to[axis], k, style_stride).astype(
+          np.float64)
+      scale = size_to[axis] / size_from[axis]
+      target = from_pos[index[here]] * scale + offset[here]
+      new_rc.append(_nearest(to_pos, target))
+    out[here] = fine.starts[s] + new_rc[0] * fine.cols[s] + new_rc[1]
+  return out.astype(np.int32)

@@ -812,7 +812,10 @@ def search_radii(grid: BankGrid) -> np.ndarray:
 def _grid_coords(index, grid: BankGrid):
   """Bank indices -> (copy, row, col) on that copy's grid."""
   starts = jnp.asarray(grid.starts)
-  copy = jnp.searchsorted(starts, index, side="right").astype(jnp.int32) - 1
+  # compare_all: S (copies) is small, and the default scan method compiles
+  # to a loop.
+  copy = jnp.searchsorted(starts, index, side="right",
+                          method="compare_all").astype(jnp.int32) - 1
   copy = jnp.maximum(copy, 0)
   local = index - starts[copy]
   cols = jnp.asarray(grid.cols)[copy]
@@ -826,6 +829,51 @@ def _grid_index(copy, row, col, grid: BankGrid):
   row = jnp.clip(row, 0, rows - 1)
   col = jnp.clip(col, 0, cols - 1)
   return jnp.asarray(grid.starts)[copy] + row * cols + col
+
+
+# The random search's randomness: a counter-based hash rather than
+# jax.random. Every jax.random call compiles to its own threefry kernel,
+# 0.4-0.8 s of XLA:CPU compile time apiece (measured on a 2-core CPU), and
+# the solver's programs hold one per MRF layer; the hash compiles in 0.1 s.
+# Random search needs draws that are uniform and independent of the patch
+# position, not cryptographic ones. A key is a uint32 [2] (a raw
+# jax.random.PRNGKey works as one); results are the same under vmap, jit and
+# on any backend (integer arithmetic only).
+
+
+def _mix32(x: jnp.ndarray) -> jnp.ndarray:
+  """lowbias32, an invertible 32-bit integer hash (C. Wellons, "Prospecting
+  for hash functions", 2018; hash-prospector), on uint32 arrays."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _hash_bits(key: jnp.ndarray, count: int) -> jnp.ndarray:
+  """count uint32 hashes of the counters 0..count-1 under key uint32 [2]."""
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  key = key.astype(jnp.uint32).reshape(-1)
+  counter = jnp.arange(count, dtype=jnp.uint32)
+  return _mix32(_mix32(counter ^ key[0]) + key[1] * jnp.uint32(0x9E3779B9))
+
+
+def hash_uniform(key: jnp.ndarray, shape: Sequence[int]) -> jnp.ndarray:
+  """float32 draws uniform in [0, 1) (24 bits) of the given shape."""
+  bits = _hash_bits(key, math.prod(shape))
+  return ((bits >> 8).astype(jnp.float32) *
+          np.float32(1.0 / (1 << 24))).reshape(tuple(shape))
+
+
+def split_key(key: jnp.ndarray, num: int) -> jnp.ndarray:
+  """num new keys uint32 [num, 2] from one, for `hash_uniform`."""
+  # Counters past any that hash_uniform uses directly under key would
+  # alias it; the extra mixing with a constant keeps the streams apart.
+  return _mix32(_hash_bits(key, 2 * num) ^ jnp.uint32(0x68E31DA4)).reshape(
+      num, 2)
 
 
 def _candidate_scores(patches, inv_p, bank: PatchBank, index, synth_map):
@@ -870,7 +918,8 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
     bank: the PatchBank [M, D]; grid: its `BankGrid` (numpy, or traced
       arrays under vmap).
     field: [P] int32 current matches (random, or carried over).
-    key: a PRNG key for the random search.
+    key: the random search's key, uint32 [2] (`hash_uniform`; a raw
+      jax.random.PRNGKey is one).
     radii: int32 [n] random search radii, largest first; None:
       `search_radii(grid)` (grid then numpy). Its length is static.
     synth_map: None, or the synthesis patches' `SynthesisMap` (the bank
@@ -906,31 +955,48 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
     better = score > best
     return jnp.where(better, candidate, field), jnp.where(better, score, best)
 
-  def one_pass(carry, pass_key):
-    field, best = carry
-    for d in jumps:
-      for dr, dc in ((d, 0), (-d, 0), (0, d), (0, -d)):
-        # The neighbour at grid offset (-dr, -dc) suggests its match
-        # shifted by (dr, dc).
-        image = field.reshape(rows, cols)
-        neighbour = jnp.roll(image, (dr, dc), axis=(0, 1)).reshape(-1)
-        copy, r, c = _grid_coords(neighbour, grid)
-        candidate = _grid_index(copy, r + dr, c + dc, grid)
-        field, best = consider((field, best), candidate)
-    keys = jax.random.split(pass_key, radii.shape[0] + 1)
-    for i in range(radii.shape[0]):
-      copy, r, c = _grid_coords(field, grid)
-      # Per patch: the radius, capped at its match's copy's larger side.
-      radius = jnp.minimum(radii[i], sides[copy])
-      u = jax.random.uniform(keys[i], (2,) + field.shape)
-      offsets = jnp.floor(u * (2 * radius + 1)).astype(jnp.int32) - radius
-      candidate = _grid_index(copy, r + offsets[0], c + offsets[1], grid)
-      field, best = consider((field, best), candidate)
-    anywhere = jax.random.randint(keys[-1], field.shape, 0, m)
-    return consider((field, best), anywhere), None
+  # Every candidate of every pass is one step of one lax.scan with a single
+  # scoring body (unrolled, the ~20 candidates per pass and MRF layer made
+  # the solver's programs compile 3x slower than the exact scan's; one
+  # scan per kind of candidate, 2x). Per step: the kind (0 propagation,
+  # 1 random search, 2 a random bank patch), the propagation offset
+  # (dr, dc) and the search radius. Propagation, d in jumps, in the four
+  # directions, first; then the radii, largest first; then the random one.
+  n = radii.shape[0]
+  steps = [(0, d * sr, d * sc) for d in jumps
+           for sr, sc in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+  steps += [(1, 0, 0)] * n + [(2, 0, 0)]
+  kinds, step_r, step_c = (np.tile(np.asarray(column, np.int32), num_passes)
+                           for column in zip(*steps))
+  step_radii = jnp.tile(jnp.concatenate([
+      jnp.zeros((4 * len(jumps),), jnp.int32),
+      jnp.asarray(radii, jnp.int32), jnp.zeros((1,), jnp.int32)]),
+                        num_passes)
+  # The draws of every step at once, from a counter hash (`hash_uniform`):
+  # [steps, 2, P] (propagation steps draw too, and use radius 0).
+  draws = hash_uniform(key, (len(kinds), 2, rows * cols))
+  position = jnp.arange(rows * cols, dtype=jnp.int32)
+  pos_r, pos_c = position // cols, position % cols
 
-  (field, best), _ = lax.scan(one_pass, (field, best),
-                              jax.random.split(key, num_passes))
+  def step(carry, xs):
+    field, _ = carry
+    kind, dr, dc, radius, u = xs
+    # Propagation: the neighbour at grid offset (-dr, -dc) (wrapping
+    # around, as jnp.roll) suggests its match shifted by (dr, dc).
+    neighbour = field[((pos_r - dr) % rows) * cols + (pos_c - dc) % cols]
+    copy, r, c = _grid_coords(jnp.where(kind == 0, neighbour, field), grid)
+    # Random search: uniform within the radius, capped at the match's
+    # copy's larger side, around the match on its copy's grid.
+    radius = jnp.minimum(radius, sides[copy])
+    offsets = jnp.floor(u * (2 * radius + 1)).astype(jnp.int32) - radius
+    candidate = _grid_index(copy, r + dr + offsets[0], c + dc + offsets[1],
+                            grid)
+    anywhere = jnp.minimum(jnp.floor(u[0] * m).astype(jnp.int32), m - 1)
+    return consider(carry, jnp.where(kind == 2, anywhere, candidate)), None
+
+  (field, best), _ = lax.scan(step, (field, best), (
+      jnp.asarray(kinds), jnp.asarray(step_r), jnp.asarray(step_c),
+      step_radii, draws))
   if synth_map is not None:
     return _finish_semantic(best, field, patches, bank)
   return _finish(best, field, jnp.sum(jnp.square(patches), axis=1))

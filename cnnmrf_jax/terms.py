@@ -383,7 +383,8 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
   {layer: int32 [P]}, 'key': uint32 [2]}. The field starts from the
   previous level's (`PairLevel.carried`), upsampled
   (`patches.upsample_field`), or else uniformly at random from
-  (--seed, level): the same for a pair alone or in a batch. An exact level
+  (--seed, level), as its PRNG key: the same for a pair alone or in a
+  batch. An exact level
   followed by a PatchMatch level (--matching=auto) carries its exact
   matches too, as the next level's start.
   """
@@ -393,27 +394,27 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
   if not patchmatch and not (later and
                              later[0].matching == patches.PATCHMATCH):
     return {}
-  key = jax.random.fold_in(jax.random.PRNGKey(pair.config.seed),
-                           level.index)
+  # Host-side draws (numpy): eager jax.random calls would compile a
+  # threefry kernel per shape, a few seconds per level on XLA:CPU.
+  rng = np.random.default_rng([config.seed, level.index])
   previous = pair.carried.get(MRF_NAME)
   coarser = [l for l in plan.levels if l.index == level.index - 1]
   fields, search = {}, {}
-  for i, mrf in enumerate(level.mrf):
+  for mrf in level.mrf:
     layer = mrf.layer
     synth, copies = _layer_maps(level, pair.pair, layer, config.network)
     real = mrf.bank_sizes[pair.pair]
     if previous is not None and coarser:
       coarse_synth, coarse_copies = _layer_maps(coarser[0], pair.pair, layer,
                                                 config.network)
-      field = jnp.asarray(patches.upsample_field(
+      field = (patches.upsample_field(
           np.asarray(previous["fields"][layer]), synth_from=coarse_synth,
           synth_to=synth, copies_from=coarse_copies, copies_to=copies,
           patch_size=config.patch_size, synth_stride=config.synth_stride,
           style_stride=config.style_stride))
     else:
-      field = patches.random_field(jax.random.fold_in(key, i),
-                                   mrf.num_patches, real)
-    fields[layer] = field
+      field = rng.integers(0, real, mrf.num_patches, dtype=np.int32)
+    fields[layer] = jnp.asarray(field)
     if patchmatch:
       grid = patches.bank_grid(copies, config.patch_size,
                                config.style_stride)
@@ -427,8 +428,9 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
           "grid": patches.BankGrid(*map(jnp.asarray, patches.pad_grid(
               grid, num_copies, mrf.bank_size))),
           "radii": jnp.asarray(patches.search_radii(largest))}
-  targets = {CARRY: {"fields": fields,
-                     "key": jax.random.fold_in(key, len(level.mrf))}}
+  # A raw threefry key (uint32 [2]; any value is one).
+  targets = {CARRY: {"fields": fields, "key": jnp.asarray(rng.integers(
+      0, 2 ** 32, 2, dtype=np.uint32))}}
   if patchmatch:
     targets["patchmatch"] = search
   return targets
@@ -463,7 +465,8 @@ def _mrf_loss(config, x, features, targets, weights):
   search = targets.get("patchmatch")
   kwargs = chunk_kwargs(config)
   if carry is not None:
-    next_key, step_key = jax.random.split(carry["key"])
+    # One split per evaluation: [next key, one key per layer].
+    keys = patches.split_key(carry["key"], 1 + len(config.mrf_layers))
     fields = {}
   for i, layer in enumerate(config.mrf_layers):
     matches = None
@@ -477,7 +480,7 @@ def _mrf_loss(config, x, features, targets, weights):
                      for side in fmap.shape[:2])
         matches = patches.patchmatch(
             synth, targets[layer], search[layer]["grid"],
-            carry["fields"][layer], jax.random.fold_in(step_key, i),
+            carry["fields"][layer], keys[1 + i],
             synth_grid=grid, num_passes=config.patchmatch_passes,
             radii=search[layer]["radii"],
             synth_map=synthesis_maps.get(layer))
@@ -499,7 +502,7 @@ def _mrf_loss(config, x, features, targets, weights):
       stats[f"{name}_{layer}"] = stat
   if carry is None:
     return values, stats
-  return values, stats, {"fields": fields, "key": next_key}
+  return values, stats, {"fields": fields, "key": keys[0]}
 
 
 def _mrf_tile_loss(config, tile, features, banks, weights):

@@ -27,6 +27,15 @@ over the leading axis with max, then the lowest index equal to the max, ran
 on this 2-core CPU; with 512-row chunks the scan was no slower than one
 unchunked matmul (whose [M, P] output falls out of cache).
 
+Approximate matching (`patchmatch`, --matching=patchmatch): PatchMatch
+(Barnes et al., SIGGRAPH 2009) keeps a nearest-neighbour field, one bank
+index per synthesis patch, and improves it by propagation (neighbours'
+matches, shifted on the style copy's own grid, `BankGrid`) and random
+search, always scoring candidates by the exact NCC, so its cost grows with
+synthesis patches times a fixed number of candidates instead of times the
+bank. The field is carried from one evaluation to the next and from a
+coarser level to a finer one (`upsample_field`); terms.py keeps it.
+
 Semantic maps (Champandard 2016, "Semantic Style Transfer and Turning
 Two-Bit Doodles into Fine Artworks"; alexjc/neural-doodle) take part in the
 matching only: a bank built with `semantic_maps` carries the map part of
@@ -898,20 +907,24 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
                field: jnp.ndarray, key: jnp.ndarray, *,
                synth_grid: Tuple[int, int], num_passes: int = 1,
                jumps: Sequence[int] = (4, 2, 1),
-               radii: Optional[jnp.ndarray] = None,
+               radii: Optional[jnp.ndarray] = None, samples: int = 1,
                synth_map: Optional[SynthesisMap] = None
                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Improves a nearest-neighbour field by PatchMatch, scored by exact NCC.
 
-  Each pass: propagation by jump flooding (for each step d in `jumps` and
-  each of the four grid directions, the match of the neighbour d grid
-  positions away, shifted by d on the style copy's own grid) and random
-  search (one candidate uniform within radius min(r, copy's larger side)
-  around the current match on its copy's grid for each r in `radii`,
-  plus one uniformly random bank patch, which may lie in another copy).
-  A candidate replaces the match only if its score is strictly higher, so
-  a field never gets worse for fixed patches. Cost per pass: P x
-  (4 len(jumps) + len(radii) + 1) dot products of length D, not P x M.
+  Each pass: propagation by jump flooding (Barnes et al. 2009 propagate
+  from the left and upper neighbours and alternate; parallel versions
+  flood with steps 2^k ... 1: for each step d in `jumps` and each of the
+  four grid directions, the match of the neighbour d grid positions away,
+  shifted by d on the style copy's own grid), random search (`samples`
+  candidates uniform within radius min(r, copy's larger side) around the
+  current match on its copy's grid for each r in `radii`), one uniformly
+  random bank patch, and with several copies a hop (the current match's
+  relative position in a random other copy: the copies are rotations and
+  scales of the same images). A candidate replaces the match only if its
+  score is strictly higher, so a field never gets worse for fixed
+  patches. Cost per pass: P x (4 len(jumps) + samples len(radii) + 2)
+  dot products of length D (gathered from the bank), not P x M.
 
   Args:
     patches: [P, D] synthesis patches on a synth_grid (rows, cols) grid.
@@ -922,6 +935,7 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
       jax.random.PRNGKey is one).
     radii: int32 [n] random search radii, largest first; None:
       `search_radii(grid)` (grid then numpy). Its length is static.
+    samples: random search candidates per radius and pass.
     synth_map: None, or the synthesis patches' `SynthesisMap` (the bank
       then carries its map part): candidates are ranked by feature NCC
       plus map NCC times sqrt(w), as `match` does.
@@ -959,24 +973,32 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
   # scoring body (unrolled, the ~20 candidates per pass and MRF layer made
   # the solver's programs compile 3x slower than the exact scan's; one
   # scan per kind of candidate, 2x). Per step: the kind (0 propagation,
-  # 1 random search, 2 a random bank patch), the propagation offset
-  # (dr, dc) and the search radius. Propagation, d in jumps, in the four
-  # directions, first; then the radii, largest first; then the random one.
+  # 1 random search, 2 a random bank patch, 3 a hop to another copy), the
+  # propagation offset (dr, dc) and the search radius. Propagation, d in
+  # jumps, in the four directions, first; then `samples` draws at each
+  # radius, largest first; then the random patch; then, with several
+  # copies, the hop.
   n = radii.shape[0]
+  num_copies = np.shape(grid.starts)[0]
+  # The order of candidates_per_pass's count.
   steps = [(0, d * sr, d * sc) for d in jumps
            for sr, sc in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-  steps += [(1, 0, 0)] * n + [(2, 0, 0)]
+  steps += [(1, 0, 0)] * (n * samples) + [(2, 0, 0)]
+  steps += [(3, 0, 0)] if num_copies > 1 else []
   kinds, step_r, step_c = (np.tile(np.asarray(column, np.int32), num_passes)
                            for column in zip(*steps))
   step_radii = jnp.tile(jnp.concatenate([
       jnp.zeros((4 * len(jumps),), jnp.int32),
-      jnp.asarray(radii, jnp.int32), jnp.zeros((1,), jnp.int32)]),
+      jnp.repeat(jnp.asarray(radii, jnp.int32), samples),
+      jnp.zeros((len(steps) - 4 * len(jumps) - n * samples,), jnp.int32)]),
                         num_passes)
   # The draws of every step at once, from a counter hash (`hash_uniform`):
   # [steps, 2, P] (propagation steps draw too, and use radius 0).
   draws = hash_uniform(key, (len(kinds), 2, rows * cols))
   position = jnp.arange(rows * cols, dtype=jnp.int32)
   pos_r, pos_c = position // cols, position % cols
+  starts = jnp.asarray(grid.starts)
+  grid_rows, grid_cols = jnp.asarray(grid.rows), jnp.asarray(grid.cols)
 
   def step(carry, xs):
     field, _ = carry
@@ -985,6 +1007,18 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
     # around, as jnp.roll) suggests its match shifted by (dr, dc).
     neighbour = field[((pos_r - dr) % rows) * cols + (pos_c - dc) % cols]
     copy, r, c = _grid_coords(jnp.where(kind == 0, neighbour, field), grid)
+    # Hop: the same relative position in a random copy (the copies are
+    # rotations and scales of the same images, so the place that matched
+    # in one is a fair guess in another); a padding copy (start m) or
+    # kind != 3 keeps the match's copy and position.
+    other = jnp.minimum(jnp.floor(u[0] * num_copies).astype(jnp.int32),
+                        num_copies - 1)
+    hop = (kind == 3) & (starts[other] < m)
+    scale = lambda index, sizes: jnp.floor(
+        (index + 0.5) * sizes[other] / sizes[copy]).astype(jnp.int32)
+    r = jnp.where(hop, scale(r, grid_rows), r)
+    c = jnp.where(hop, scale(c, grid_cols), c)
+    copy = jnp.where(hop, other, copy)
     # Random search: uniform within the radius, capped at the match's
     # copy's larger side, around the match on its copy's grid.
     radius = jnp.minimum(radius, sides[copy])
@@ -1000,6 +1034,15 @@ def patchmatch(patches: jnp.ndarray, bank: PatchBank, grid: BankGrid,
   if synth_map is not None:
     return _finish_semantic(best, field, patches, bank)
   return _finish(best, field, jnp.sum(jnp.square(patches), axis=1))
+
+
+def candidates_per_pass(num_copies: int, num_radii: int, *,
+                        jumps: Sequence[int] = (4, 2, 1),
+                        samples: int = 1) -> int:
+  """How many candidates `patchmatch` scores per synthesis patch and pass
+  (each a gathered bank row and a dot product of length D)."""
+  return (4 * len(jumps) + samples * num_radii + 1 +
+          (1 if num_copies > 1 else 0))
 
 
 def random_field(key: jnp.ndarray, num_patches_: int, bank_size_: int

@@ -11,7 +11,9 @@ rotation and one scale step each way, the reference's portrait run):
     the seconds to build each level's targets;
   - the share of an iteration in the VGG (value and gradient through the
     network alone), the MRF matching (matching, gathering, folding and the
-    MRF losses' gradient, given the features) and the solver (the update
+    MRF losses' gradient, given the features; with --matching patchmatch
+    the PatchMatch pass from the level's starting field) and the solver
+    (the update
     minus the objective's value and gradient); the rest is content and TV
     losses and glue. Each part is compiled on its own and timed round-robin
     with the update;
@@ -43,6 +45,8 @@ are the figures to compare across machines and runs.
         --matching matmul conv                       # compare formulations
     python benchmarks/bench_synthesis.py --sizes --nofull_run \\
         --max_size 1024 2048                         # large images only
+    python benchmarks/bench_synthesis.py --sizes 1024 2048 --copies 1 9 \\
+        --matching matmul patchmatch --nofull_run    # exact vs PatchMatch
 
 Figures go to stdout, one per line with its unit, and to --out as JSON.
 """
@@ -70,7 +74,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnmrf_jax import config as config_lib
-from cnnmrf_jax import losses
 from cnnmrf_jax import patches
 from cnnmrf_jax import plan
 from cnnmrf_jax import synthesize
@@ -213,15 +216,28 @@ def _level_worker(spec):
 
   # Flops: the matching's chunk loop is counted once by the cost analysis;
   # add what the same matching costs lowered as a single chunk (no loop).
+  # PatchMatch's candidate loop likewise: add the other candidates' gathered
+  # dot products, 2 D flops each.
   features = synth._features(params, x)
   match_kwargs = dict(patch_size=config.patch_size, stride=config.synth_stride,
                       chunk_size=config.chunk_size
                       or patches.DEFAULT_CHUNK_SIZE,
-                      method=config.matching,
+                      method=terms.chunk_kwargs(config)["matching"],
                       compute_dtype=terms.chunk_kwargs(config)[
                           "compute_dtype"])
   loop_correction = 0.0
-  for layer, bank in targets["mrf"].items():
+  search = targets["mrf"].get("patchmatch")
+  for layer in config.mrf_layers:
+    bank = targets["mrf"][layer]
+    if search is not None:
+      steps = config.patchmatch_passes * patches.candidates_per_pass(
+          search[layer]["grid"].starts.shape[-1],
+          search[layer]["radii"].shape[-1],
+          samples=terms.PATCHMATCH_SAMPLES)
+      num_p, depth = patches.extract_patches(
+          features[layer][0], stride=config.synth_stride).shape
+      loop_correction += (steps - 1) * 2.0 * num_p * depth * x.shape[0]
+      continue
     def matcher(chunk):
       kw = dict(match_kwargs, chunk_size=chunk)
       return jax.jit(jax.vmap(lambda f, b: patches.match_map(f, b, **kw)))
@@ -246,15 +262,11 @@ def _level_worker(spec):
 
   def mrf_only(features, targets):
     def one(features, targets):
-      return sum(losses.mrf_loss(
-          features[layer][0], bank,
-          weight=targets["weights"]["mrf"][layer],
-          patch_size=config.patch_size, stride=config.synth_stride,
-          threshold=config.confidence_threshold,
-          **terms.chunk_kwargs(config))[0]
-                 for layer, bank in targets["mrf"].items())
-    return jnp.sum(jax.vmap(one)(
-        {k: v[:, None] for k, v in features.items()}, targets))
+      # The MRF term as the objective runs it (exact or PatchMatch).
+      values = terms.MRF.loss(config, None, features, targets["mrf"],
+                              targets["weights"]["mrf"])[0]
+      return sum(values.values())
+    return jnp.sum(jax.vmap(one)(features, targets))
 
   objective = jax.vmap(jax.value_and_grad(synth.objective, has_aux=True),
                        in_axes=(0, None, 0))
@@ -442,7 +454,7 @@ def main(argv=None):
   parser.add_argument("--copies", nargs="+", type=int, default=[1, 9],
                       choices=[1, 9, 25, 49], help="style copies")
   parser.add_argument("--matching", nargs="+", default=["matmul"],
-                      choices=["matmul", "conv"])
+                      choices=["matmul", "conv", "patchmatch"])
   parser.add_argument("--dtype", nargs="+", default=["float32"],
                       choices=["float32", "bfloat16"])
   parser.add_argument("--iterations", type=int, default=5,

@@ -82,12 +82,24 @@ class Config:
   chunk_size: int = _option(
       0, "Style patches scored per step of the matching scan (memory grows "
       "with it); 0 = default.")
-  # How the matching runs, not what it computes: a matmul of extracted
-  # patches (the faster on CPU) or a conv with the style patches as filters.
+  # How the matching runs: the exact scans compute the same nearest
+  # neighbours (a matmul of extracted patches, the faster on CPU, or a conv
+  # with the style patches as filters); patchmatch an approximate field
+  # carried between evaluations (patches.patchmatch, Barnes et al. 2009);
+  # auto lets the plan choose per level (plan.choose_matching).
   matching: str = _option(
-      "matmul", "How the patch matching runs (same result): matmul of "
-      "extracted patches (faster on CPU) or conv with the style patches as "
-      "filters.", choices=patches.MATCHINGS)
+      "matmul", "How synthesis patches find their nearest style patch. "
+      "matmul (exact scan, the faster on CPU) and conv (exact scan with "
+      "the style patches as filters) give the same matches; patchmatch "
+      "keeps an approximate nearest-neighbour field that each evaluation "
+      "improves by propagation and random search (cost per evaluation "
+      "grows with synthesis patches times a fixed number of candidates, "
+      "not times the style patches); auto: the exact matmul scan where it "
+      "is cheap, patchmatch at the levels where the plan says the scan "
+      "would cost more than the VGG.", choices=patches.MATCHING_CHOICES)
+  patchmatch_passes: int = _option(
+      1, "PatchMatch passes (propagation and random search) per "
+      "evaluation of the objective, with --matching=patchmatch or auto.")
   # Content term (Eq. 3) and smoothness prior (Eq. 4).
   content_layers: Tuple[str, ...] = _option(("relu4_2",), "Content layers.")
   content_weight: float = _option(20.0, "Content weight.")
@@ -239,9 +251,9 @@ class Config:
     if self.optimizer not in OPTIMIZERS:
       fail("optimizer",
            f"got {self.optimizer!r}; expected one of {OPTIMIZERS}")
-    if self.matching not in patches.MATCHINGS:
+    if self.matching not in patches.MATCHING_CHOICES:
       fail("matching", f"got {self.matching!r}; expected one of "
-           f"{patches.MATCHINGS}")
+           f"{patches.MATCHING_CHOICES}")
     if self.dtype not in DTYPES:
       fail("dtype", f"got {self.dtype!r}; expected one of {DTYPES}")
     if self.output_mode not in OUTPUT_MODES:
@@ -279,7 +291,7 @@ class Config:
            "--style_image")
     _check_finite("semantic_weight", [self.semantic_weight], nonnegative=True)
     for flag in ("max_size", "num_res", "patch_size", "style_stride",
-                 "synth_stride", "history_size"):
+                 "synth_stride", "history_size", "patchmatch_passes"):
       value = getattr(self, flag)
       if not isinstance(value, int) or value < 1:
         fail(flag, f"expected a positive integer, got {value!r}")
@@ -336,7 +348,13 @@ class Config:
       fail("style_layers", "--mode=gatys needs at least one style layer")
     self._validate_video(fail)
     from cnnmrf_jax import tiling  # pylint: disable=g-import-not-at-top
-    tiling.parse_tile_size(self)
+    if tiling.parse_tile_size(self) and self.matching == patches.PATCHMATCH:
+      # A tile sees only the patches around its core: the field's
+      # propagation would stop at tile borders and its carry would need
+      # scattering back from every tile; tiles scan exactly instead.
+      fail("matching", "--matching=patchmatch does not run tiled; pass "
+           "--tile_size=0 (or auto), or an exact --matching with "
+           f"--tile_size={self.tile_size}")
     if self.resume and self.overwrite:
       fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")

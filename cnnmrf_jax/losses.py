@@ -33,7 +33,8 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
              threshold: float = 0.0,
              chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
              matching: str = "matmul", compute_dtype=None,
-             synth_map: Optional[patches_lib.SynthesisMap] = None
+             synth_map: Optional[patches_lib.SynthesisMap] = None,
+             matches: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None
              ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """MRF style loss of one layer (Eq. 2), as the reference applies it.
 
@@ -64,6 +65,10 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
       steer which style patch is chosen (Champandard 2016) and nothing else:
       the loss and its gradient are the same function of the chosen
       patches, on the features alone.
+    matches: None (match here by the exact scan), or the synthesis
+      patches' (indices [P] int32, scores [P]) as `patches.match` returns
+      them, made elsewhere (PatchMatch's carried field): the loss is then
+      the same function of those matches.
 
   Returns:
     (loss, stats); stats holds scalars 'mean_ncc' (mean feature NCC of the
@@ -83,10 +88,13 @@ def mrf_loss(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   fold_kw = dict(height=height, width=width, channels=channels,
                  patch_size=patch_size, stride=stride)
 
-  indices, scores = patches_lib.match_map(
-      lax.stop_gradient(features), bank, patch_size=patch_size,
-      stride=stride, chunk_size=chunk_size, method=matching,
-      compute_dtype=compute_dtype, synth_map=synth_map)
+  if matches is None:
+    indices, scores = patches_lib.match_map(
+        lax.stop_gradient(features), bank, patch_size=patch_size,
+        stride=stride, chunk_size=chunk_size, method=matching,
+        compute_dtype=compute_dtype, synth_map=synth_map)
+  else:
+    indices, scores = (lax.stop_gradient(m) for m in matches)
   keep = (scores >= threshold) & (scores > -jnp.inf)
   targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
   summed, count = patches_lib.fold(targets, mask=keep, **fold_kw)

@@ -21,7 +21,9 @@ What is counted per level (float32, 4 bytes a value), from the plan's sizes:
      built from; one copy's VGG forward pass; the content target map;
      gatys: the Gram matrices.
   3. Matching, per MRF layer: the synthesis patches and their matched
-     targets [P, 9 C] and one chunk of scores [chunk, P].
+     targets [P, 9 C] and one chunk of scores [chunk, P]; PatchMatch
+     (the plan's `matching`) instead the patches, one gathered candidate
+     and the matched targets, 3 [P, 9 C], and the field.
   4. The optimiser: L-BFGS keeps 2 * history_size images (s and y) plus a
      few working images (x, gradient, direction, new x, ...); Adam a few.
   5. Semantic maps (the plan's num_labels L > 0): the level's content map
@@ -152,7 +154,10 @@ def level_bytes(config: config_lib.Config, level: Any,
       side = core // config.synth_stride + 2
       num_patches = min(num_patches, side * side)
       per_pair += 2 * mrf.bank_size  # the used-patch counts
-    per_pair += 2 * num_patches * depth + 2 * chunk * num_patches
+    if getattr(level, "matching", "") == patches.PATCHMATCH:
+      per_pair += 3 * num_patches * depth + 2 * num_patches
+    else:
+      per_pair += 2 * num_patches * depth + 2 * chunk * num_patches
     if num_labels:
       # 5. Map channels: copies' layer maps, the bank's map part, the
       # synthesis grid's, the map scores; tiled, a tile's gathered rows.

@@ -11,9 +11,10 @@ stride-plus-tail grid of every MRF layer form the style bank.
 `make` computes all of it from the input images' sizes alone (their headers
 suffice): per level the image size, every style copy's size, every layer's
 feature-map size, the synthesis patch grid and the bank size per MRF layer,
-the tiling of the objective (tiling.py; --tile_size=auto tiles a level only
-when its untiled estimate does not fit) and the memory estimate
-(memory.py). `check` holds every size rule of a run
+the matching (--matching=auto: the exact scan, or PatchMatch where the
+scan's flops would exceed the VGG's, `choose_matching`), the tiling of the
+objective (tiling.py; --tile_size=auto tiles a level only when its untiled
+estimate does not fit) and the memory estimate (memory.py). `check` holds every size rule of a run
 (a map smaller than a patch, pairs that cannot share a batch, a run too big
 for the memory), each failing in one line that names the flag. The driver,
 the memory check, the sweep's batching and the workdir's plan.json all read
@@ -187,6 +188,14 @@ class LevelPlan:
   memory_bytes: int
   tiling: Optional[tiling_lib.Tiling] = None
   num_labels: int = 0
+  # How the MRF matching runs at this level ('' without an MRF term):
+  # matmul or conv (exact scans) or patchmatch; `choose_matching`.
+  matching: str = ""
+  # Per pair and evaluation: the exact scan's flops over every MRF layer
+  # (2 P M D each) and the VGG's, forward and backward (`vgg_flops`), the
+  # figures --matching=auto compares.
+  scan_flops: int = 0
+  vgg_flops: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +227,10 @@ class Plan:
       for mrf in level.mrf:
         text += (f"; {mrf.layer} {mrf.grid[0]}x{mrf.grid[1]} patches, bank "
                  f"{mrf.bank_size}")
+      if level.matching:
+        text += (f"; matching {level.matching} (exact scan "
+                 f"{level.scan_flops / max(level.vgg_flops, 1):.2g}x the "
+                 "VGG's flops)")
       if level.tiling is not None:
         tiles = level.tiling
         text += (f"; tiled {tiles.grid[0]}x{tiles.grid[1]} of "
@@ -240,6 +253,91 @@ def _bank_size(config: config_lib.Config, copies: Sequence[Size],
   maps = [vgg.map_size(h, w, layer, config.network) for h, w in copies]
   maps = [m for m in maps if min(m) >= config.patch_size]
   return patches.bank_size(maps, config.patch_size, config.style_stride)
+
+
+# --matching=auto keeps the exact scan at a level while its flops are at
+# most this many times the VGG's forward and backward pass, i.e. while the
+# scan does not dominate an evaluation. At 384 px with one style copy the
+# scan is ~0.15x the VGG (measured: 13 % of an iteration on a 2-core CPU);
+# its flops grow with the fourth power of the side (P x M) and the VGG's
+# with the square, so the ratio reaches 1 near 1024 px with one copy and
+# near 384 px with nine (README, Speed and memory).
+AUTO_SCAN_RATIO = 1.0
+EXACT_FOR_AUTO = "matmul"  # the exact scan auto uses (the faster on CPU)
+
+
+def vgg_flops(config: config_lib.Config, size: Size) -> int:
+  """Flops of one evaluation's VGG over an image of `size` (h, w): every
+  3x3 convolution up to the deepest layer the objective reads, 2 flops a
+  multiply-add, times 2 for the backward pass to the image (the input
+  gradient costs what the forward convolution does; no weight gradient)."""
+  layers = config.feature_layers()
+  if not layers:
+    return 0
+  names = vgg.layer_names(config.network)
+  deepest = max(names.index(l) for l in layers)
+  height, width, channels = size[0], size[1], 3
+  forward = 0
+  for name in names[:deepest + 1]:
+    if name.startswith("pool"):
+      height, width = _ceil_div(height, 2), _ceil_div(width, 2)
+    elif name.startswith("conv"):
+      out = vgg.channels_of(name, config.network)
+      forward += 2 * 9 * height * width * channels * out
+      channels = out
+  return 2 * forward
+
+
+def scan_flops(config: config_lib.Config, mrf: Sequence[MrfPlan]) -> int:
+  """Flops of the exact matching scan of one evaluation: per MRF layer a
+  [M, D] x [D, P] product, 2 P M D."""
+  return sum(2 * m.num_patches * m.bank_size * config.patch_size ** 2 *
+             vgg.channels_of(m.layer, config.network) for m in mrf)
+
+
+def choose_matching(config: config_lib.Config, scan: int, vgg_: int,
+                    tiled: bool = False) -> str:
+  """The matching of a level whose exact scan costs `scan` flops and whose
+  VGG costs `vgg_` (`scan_flops`, `vgg_flops`): --matching itself unless
+  auto; auto: patchmatch where scan > AUTO_SCAN_RATIO * vgg_, else the
+  exact matmul scan. A tiled level always scans exactly (a tile sees only
+  the patches around its core)."""
+  if config.matching != "auto":
+    return config.matching
+  if not tiled and scan > AUTO_SCAN_RATIO * vgg_:
+    return patches.PATCHMATCH
+  return EXACT_FOR_AUTO
+
+
+def _resolve_level(config: config_lib.Config, level: LevelPlan,
+                   num_pairs: int, fixed: int,
+                   limit_bytes: Optional[int]) -> LevelPlan:
+  """The level with its flops, matching, tiling and memory estimate.
+
+  A level that runs PatchMatch is never tiled (config.validate refuses
+  --matching=patchmatch with a --tile_size): its memory estimate is the
+  untiled one. auto with --tile_size=auto takes the exact scan, tiled,
+  instead where PatchMatch's untiled level would not fit in limit_bytes.
+  """
+  if not level.mrf:
+    return _tiled_level(config, level, num_pairs, fixed, limit_bytes)
+  level = dataclasses.replace(
+      level, scan_flops=scan_flops(config, level.mrf),
+      vgg_flops=vgg_flops(config, level.size))
+  tile_size = tiling_lib.parse_tile_size(config)
+  matching = choose_matching(config, level.scan_flops, level.vgg_flops,
+                             tiled=bool(tile_size))
+  if matching == patches.PATCHMATCH:
+    whole = dataclasses.replace(level, matching=matching)
+    whole = dataclasses.replace(whole, memory_bytes=memory.level_bytes(
+        config, whole, num_pairs))
+    fits = (not limit_bytes or tile_size is not None or
+            whole.memory_bytes + fixed <= limit_bytes)
+    if config.matching == patches.PATCHMATCH or fits:
+      return whole
+    matching = EXACT_FOR_AUTO
+  return _tiled_level(config, dataclasses.replace(level, matching=matching),
+                      num_pairs, fixed, limit_bytes)
 
 
 def _tiled_level(config: config_lib.Config, level: LevelPlan,
@@ -332,8 +430,8 @@ def make(config: config_lib.Config, inputs: Sequence[InputSizes], *,
     level = LevelPlan(index, scale, size, iterations[index], styles, copies,
                       layer_plans, tuple(mrf_plans), 0,
                       num_labels=num_labels)
-    levels.append(_tiled_level(config, level, len(inputs), fixed,
-                               limit_bytes))
+    levels.append(_resolve_level(config, level, len(inputs), fixed,
+                                 limit_bytes))
   return Plan(len(inputs), inputs, outputs, tuple(levels),
               max(l.memory_bytes for l in levels) + fixed)
 

@@ -134,6 +134,9 @@ class Synthesizer:
 
   def _update_impl(self, x, state, params, targets):
     TRACE_COUNTS["update"] += 1
+    # State a term keeps between evaluations (the PatchMatch field) is in
+    # the aux of the last evaluation: the next one starts from it.
+    targets = terms_lib.with_carry(targets, self.carry(state))
     return jax.vmap(self.solver.update, in_axes=(0, 0, None, 0))(
         x, state, params, targets)
 
@@ -148,7 +151,14 @@ class Synthesizer:
     return self.solver.value(state)
 
   def aux(self, state):
-    return self.solver.aux(state)
+    """The last evaluation's logged aux: {'terms', 'stats'} (the carried
+    state stays on the device)."""
+    return {k: v for k, v in self.solver.aux(state).items() if k != "carry"}
+
+  def carry(self, state) -> Dict[str, Any]:
+    """{term name: [N, ...]} the terms' state after the last evaluation
+    (`terms.CARRY`); empty when no term keeps one."""
+    return self.solver.aux(state).get("carry", {})
 
   def state_like(self, x: jnp.ndarray, targets: Dict[str, Any]) -> Any:
     """The optimiser state's structure (shapes only) at x; for restoring."""
@@ -246,16 +256,19 @@ def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
     writer.write_plan(run_plan.to_json())
   history = list(checkpoint.history) if checkpoint else []
   x = None
+  carried = {}  # the terms' carried state at the end of the last level
   for level in run_plan.levels:
     if checkpoint is not None and level.index < checkpoint.level:
       continue
     if (checkpoint is not None and level.index == checkpoint.level
         and checkpoint.iteration >= level.num_iter):
       # Checkpointed at the end of this level: no targets to rebuild.
-      x, checkpoint = jnp.asarray(checkpoint.x), None
+      x, carried = jnp.asarray(checkpoint.x), checkpoint.carry
+      checkpoint = None
       continue
-    logging.info("level %d/%d: %dx%d px, %d iterations", level.index + 1,
-                 len(run_plan.levels), *level.size, level.num_iter)
+    logging.info("level %d/%d: %dx%d px, %d iterations%s", level.index + 1,
+                 len(run_plan.levels), *level.size, level.num_iter,
+                 f", matching {level.matching}" if level.matching else "")
     if level.tiling is not None:
       logging.info("level %d tiled: %dx%d tiles of %d px (+%d px halo)",
                    level.index + 1, *level.tiling.grid,
@@ -263,7 +276,8 @@ def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
     synthesizer.set_tiling(level.size, level.tiling)
     t0 = time.perf_counter()
     targets = targets_lib.level_targets(config, run_plan, level,
-                                        solve_inputs, synthesizer.features)
+                                        solve_inputs, synthesizer.features,
+                                        carried=carried)
     x, state, first_iter = _start_level(synthesizer, level, targets,
                                         solve_inputs, x, checkpoint)
     checkpoint = None
@@ -284,10 +298,12 @@ def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
         _write_stop(writer, synthesizer, e, num_pairs)
       raise
     history += level_history
+    carried = synthesizer.carry(state)
     if writer is not None:
       writer.records = list(history)
       if level.index + 1 < len(run_plan.levels):  # the last ends in results
-        writer.save_checkpoint(level.index, level.num_iter, x, state)
+        writer.save_checkpoint(level.index, level.num_iter, x, state,
+                               carry=carried)
   rgb = synthesizer.rgb(x)[:num_pairs]
   if config.original_colors and config.mode in ("transfer", "gatys"):
     contents = np.stack([np.asarray(image_io.resize(
@@ -313,7 +329,8 @@ def _block_writer(writer, synthesizer, level):
     writer.block(records, synthesizer.rgb(x), level.index, iteration)
     every = synthesizer.config.checkpoint_every
     if every and iteration % every == 0 and iteration < level.num_iter:
-      writer.save_checkpoint(level.index, iteration, x, state)
+      writer.save_checkpoint(level.index, iteration, x, state,
+                             carry=synthesizer.carry(state))
   return on_block
 
 
@@ -325,7 +342,8 @@ def _write_stop(writer, synthesizer, error, num_pairs) -> None:
     error.paths = writer.final(synthesizer.rgb(error.last_finite_x)
                                [:num_pairs])
     return
-  writer.save_checkpoint(error.level, error.iteration, error.x, error.state)
+  writer.save_checkpoint(error.level, error.iteration, error.x, error.state,
+                         carry=synthesizer.carry(error.state))
   writer.save_image(workdir_lib.CURRENT_NAME, synthesizer.rgb(error.x))
   logging.warning("interrupted at level %d iteration %d: saved %s and a "
                   "checkpoint; continue with --resume", error.level + 1,

@@ -65,15 +65,20 @@ class Inputs:
 
 def level_targets(config: config_lib.Config, run_plan: Any, level: Any,
                   inputs: Inputs,
-                  features: Callable[[np.ndarray], Dict[str, jnp.ndarray]]
+                  features: Callable[[np.ndarray], Dict[str, jnp.ndarray]],
+                  carried: Optional[Dict[str, Any]] = None
                   ) -> Dict[str, Any]:
   """Targets of every pair at one level, stacked on a leading N axis.
 
   Returns {term name: [N, ...] targets, 'weights': {term name: [N] ...}}
   for the terms active in `config`. features: rgb [H, W, 3] -> {layer:
-  [h, w, c]}, the VGG on one image.
+  [h, w, c]}, the VGG on one image. carried: None, or {term name: [N, ...]
+  pytree}, the terms' carried state at the end of the previous level (the
+  objective's aux['carry']); each pair's build sees its own
+  (`terms.PairLevel.carried`).
   """
   active = terms_lib.active_terms(config)
+  carried = jax.device_get(carried or {})
   per_pair = []
   for n in range(len(inputs.styles)):
     pair_config = inputs.pair_config(config, n)
@@ -87,7 +92,8 @@ def level_targets(config: config_lib.Config, run_plan: Any, level: Any,
         pair=min(n, run_plan.num_pairs - 1), content=content,
         styles=inputs.styles[n],
         extras=inputs.extras[n] if inputs.extras else {},
-        features=features, plan=run_plan)
+        features=features, plan=run_plan,
+        carried=jax.tree.map(lambda a, n=n: np.asarray(a[n]), carried))
     targets = {"weights": terms_lib.loss_weights(pair_config)}
     for term in active:
       targets[term.name] = term.build(pair)

@@ -14,7 +14,12 @@ for videos, the temporal term of Ruder et al. (2016).
 
 Adding a term is writing those functions and calling `register`; the pyramid
 driver, the target builder and the solve loop loop over `active_terms` and
-need no edit. `make_objective` builds, once, from a frozen config, the pure
+need no edit. A term may also keep state from one evaluation to the next
+(the MRF term's PatchMatch field): its targets then hold it under `CARRY`,
+its loss returns the next one, the objective puts it in its aux, and the
+solver step writes it back into the targets (`with_carry`), so it lives on
+the device in the optimiser state and is checkpointed with it; the next
+level's target builder sees the last one (`PairLevel.carried`). `make_objective` builds, once, from a frozen config, the pure
 function the optimiser minimises; given a tiling of a level (tiling.py), it
 evaluates every feature-reading term tile by tile through the term's
 `tile_loss`, exactly.
@@ -38,6 +43,7 @@ from cnnmrf_jax import patches
 from cnnmrf_jax import semantic
 from cnnmrf_jax import temporal
 from cnnmrf_jax import tiling as tiling_lib
+from cnnmrf_jax import vgg
 
 Scalars = Dict[str, jnp.ndarray]
 
@@ -53,6 +59,9 @@ class PairLevel:
     inputs of terms beyond images (e.g. a video's previous frames).
     features: rgb [H, W, 3] -> {layer: [h, w, c]} through the VGG. plan: the
     whole `plan.Plan` (batch-wide sizes such as the padded bank size).
+    carried: {term name: the pair's `CARRY` at the end of the previous
+    level (numpy pytree)} for the terms that kept one; empty at a run's
+    first level.
   """
   config: config_lib.Config
   level: Any
@@ -62,6 +71,7 @@ class PairLevel:
   extras: Dict[str, Any]
   features: Callable[[np.ndarray], Dict[str, jnp.ndarray]]
   plan: Any
+  carried: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +88,9 @@ class Term:
   loss(config, x, features, targets, weights) -> (values, stats): x
     [H, W, 3] the preprocessed image, features {layer: [h, w, c]} float32;
     values {key: scalar} summed into the objective, stats {name: scalar}
-    logged only.
+    logged only. When its targets hold a `CARRY` (its build put one
+    there), loss returns (values, stats, carry): the carry of the next
+    evaluation, same structure, no gradient.
   tile_loss(config, tile, features, targets, weights) -> (values, partial):
     the share of `loss` of one tile's core (tiling.py): tile a
     `tiling.Tile`, features {layer: [c, c, ch]} of the tile's crop (exact
@@ -98,6 +110,9 @@ class Term:
 
 
 _REGISTRY: Dict[str, Term] = {}
+
+# The key of a term's targets that holds its state between evaluations.
+CARRY = "carry"
 
 
 def register(term: Term) -> Term:
@@ -143,6 +158,26 @@ def untileable_terms(config: config_lib.Config) -> List[str]:
           if t.layers(config) and t.tile_loss is None]
 
 
+def with_carry(targets: Dict[str, Any], carry: Dict[str, Any]
+               ) -> Dict[str, Any]:
+  """targets with each term's `CARRY` replaced by carry[term name] (an
+  objective's aux['carry']): what the next evaluation starts from."""
+  if not carry:
+    return targets
+  targets = dict(targets)
+  for name, state in carry.items():
+    targets[name] = {**targets[name], CARRY: state}
+  return targets
+
+
+def _loss_parts(result) -> Tuple[Scalars, Scalars, Any]:
+  """A term loss's (values, stats[, carry]) as a triple (carry None)."""
+  if len(result) == 3:
+    return tuple(result)
+  values, stats = result
+  return values, stats, None
+
+
 def make_objective(config: config_lib.Config, model: Any,
                    tiling_of: Optional[Callable[[Tuple[int, int]], Any]]
                    = None):
@@ -150,8 +185,9 @@ def make_objective(config: config_lib.Config, model: Any,
 
   Returns objective(x, params, targets) -> (loss, aux): x [H, W, 3]
   preprocessed; targets {term name: its targets, 'weights': {term name: its
-  weights}}; aux = {'terms': {name: scalar}, 'stats': {name: scalar}}. The
-  terms are summed in registration order.
+  weights}}; aux = {'terms': {name: scalar}, 'stats': {name: scalar},
+  'carry': {term name: its next `CARRY`}} ('carry' empty when no term keeps
+  one). The terms are summed in registration order.
 
   tiling_of((H, W)) -> `tiling.Tiling` or None, asked when the objective is
   traced for an image size: with a tiling, the terms that read features are
@@ -169,16 +205,18 @@ def make_objective(config: config_lib.Config, model: Any,
     features = float32(model.apply({"params": params}, x[None],
                                    outputs=layers))
     features = {k: v[0] for k, v in features.items()}
-    values, stats = {}, {}
+    values, stats, carry = {}, {}, {}
     for term in terms:
-      term_values, term_stats = term.loss(
+      term_values, term_stats, term_carry = _loss_parts(term.loss(
           config, x, features, targets[term.name],
-          targets["weights"][term.name])
+          targets["weights"][term.name]))
       for key, value in term_values.items():
         values[f"{term.name}_{key}" if key else term.name] = value
       stats.update(term_stats)
+      if term_carry is not None:
+        carry[term.name] = jax.lax.stop_gradient(term_carry)
     total = sum(values.values())
-    return total, {"terms": values, "stats": stats}
+    return total, {"terms": values, "stats": stats, "carry": carry}
 
   feature_terms = [t for t in terms if t.layers(config)]
   pixel_terms = [t for t in terms if not t.layers(config)]
@@ -195,6 +233,13 @@ def make_objective(config: config_lib.Config, model: Any,
     return sum(jax.tree.leaves(values)), (values, partial)
 
   def _tiled(x, params, targets, tiling):
+    carrying = [t.name for t in terms if isinstance(targets[t.name], dict)
+                and CARRY in targets[t.name]]
+    if carrying:
+      raise config_lib.ConfigError(
+          f"--tile_size: the term(s) {carrying} keep state between "
+          "evaluations (--matching=patchmatch) and do not run tiled; pass "
+          "--tile_size=0")
     untileable = untileable_terms(config)
     if untileable:
       raise config_lib.ConfigError(
@@ -208,14 +253,14 @@ def make_objective(config: config_lib.Config, model: Any,
         term_values = tiled_values[term.name]
         stats.update(term.tile_stats(config, partial[term.name]))
       else:
-        term_values, term_stats = term.loss(
+        term_values, term_stats, _ = _loss_parts(term.loss(
             config, x, {}, targets[term.name],
-            targets["weights"][term.name])
+            targets["weights"][term.name]))
         stats.update(term_stats)
         total = total + sum(term_values.values())
       for key, value in term_values.items():
         values[f"{term.name}_{key}" if key else term.name] = value
-    return total, {"terms": values, "stats": stats}
+    return total, {"terms": values, "stats": stats, "carry": {}}
 
   return objective
 
@@ -231,6 +276,9 @@ def _scalar(value: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------------
 # The MRF term (Li & Wand 2016, Eq. 2).
+
+
+MRF_NAME = "mrf"
 
 
 def _mrf_active(config):
@@ -307,6 +355,7 @@ def _mrf_build(pair: PairLevel):
       stride=config.style_stride,
       semantic_maps=label_maps[layer] if with_maps else None), sizes[layer])
              for layer in config.mrf_layers}
+  targets.update(_field_targets(pair))
   if with_maps:
     canvas = semantic.level_map(pair.extras["content_map"], pair.level.size)
     targets["synthesis_maps"] = {
@@ -318,29 +367,152 @@ def _mrf_build(pair: PairLevel):
   return targets
 
 
+def _layer_maps(level, pair: int, layer: str, network: str):
+  """(synthesis map size, [each style copy's map size]) at a level."""
+  return (vgg.map_size(*level.size, layer, network),
+          [vgg.map_size(h, w, layer, network) for h, w in level.copies[pair]])
+
+
+def _field_targets(pair: PairLevel) -> Dict[str, Any]:
+  """The nearest-neighbour field's targets of a level, if it keeps one.
+
+  A PatchMatch level (the plan's `matching`) gets 'patchmatch': {layer:
+  {'grid': its copies' `patches.BankGrid` (padded to the batch's number of
+  copies), 'radii': the random search radii, int32 [n] (from the batch's
+  largest copy, so every pair has the same n)}} and `CARRY`: {'fields':
+  {layer: int32 [P]}, 'key': uint32 [2]}. The field starts from the
+  previous level's (`PairLevel.carried`), upsampled
+  (`patches.upsample_field`), or else uniformly at random from
+  (--seed, level), as its PRNG key: the same for a pair alone or in a
+  batch. An exact level
+  followed by a PatchMatch level (--matching=auto) carries its exact
+  matches too, as the next level's start.
+  """
+  config, level, plan = pair.config, pair.level, pair.plan
+  later = [l for l in plan.levels if l.index == level.index + 1]
+  patchmatch = level.matching == patches.PATCHMATCH
+  if not patchmatch and not (later and
+                             later[0].matching == patches.PATCHMATCH):
+    return {}
+  # Host-side draws (numpy): eager jax.random calls would compile a
+  # threefry kernel per shape, a few seconds per level on XLA:CPU.
+  rng = np.random.default_rng([config.seed, level.index])
+  previous = pair.carried.get(MRF_NAME)
+  coarser = [l for l in plan.levels if l.index == level.index - 1]
+  fields, search = {}, {}
+  for mrf in level.mrf:
+    layer = mrf.layer
+    synth, copies = _layer_maps(level, pair.pair, layer, config.network)
+    real = mrf.bank_sizes[pair.pair]
+    if previous is not None and coarser:
+      coarse_synth, coarse_copies = _layer_maps(coarser[0], pair.pair, layer,
+                                                config.network)
+      field = (patches.upsample_field(
+          np.asarray(previous["fields"][layer]), synth_from=coarse_synth,
+          synth_to=synth, copies_from=coarse_copies, copies_to=copies,
+          patch_size=config.patch_size, synth_stride=config.synth_stride,
+          style_stride=config.style_stride))
+    else:
+      field = rng.integers(0, real, mrf.num_patches, dtype=np.int32)
+    fields[layer] = jnp.asarray(field)
+    if patchmatch:
+      grid = patches.bank_grid(copies, config.patch_size,
+                               config.style_stride)
+      num_copies = max(len(c) for c in level.copies)
+      # The batch's largest copy sets the radii, so that pairs share n.
+      largest = patches.bank_grid(
+          [s for p in range(len(level.copies))
+           for s in _layer_maps(level, p, layer, config.network)[1]],
+          config.patch_size, config.style_stride)
+      search[layer] = {
+          "grid": patches.BankGrid(*map(jnp.asarray, patches.pad_grid(
+              grid, num_copies, mrf.bank_size))),
+          "radii": jnp.asarray(patches.search_radii(largest))}
+  # A raw threefry key (uint32 [2]; any value is one).
+  targets = {CARRY: {"fields": fields, "key": jnp.asarray(rng.integers(
+      0, 2 ** 32, 2, dtype=np.uint32))}}
+  if patchmatch:
+    targets["patchmatch"] = search
+  return targets
+
+
+# Random search draws per radius and pass (patches.patchmatch's samples).
+# On relu3_1 features of example:astronaut against example:coffee at 256
+# px, from a random start (benchmarks/bench_patchmatch.py --field_size):
+# 2 draws per radius reached in 10 passes the mean NCC that 1 draw reached
+# in ~15, for 6 more candidates per pass (25 instead of 19, one copy), and
+# candidates of the random search gained more per candidate than more
+# propagation jumps did.
+PATCHMATCH_SAMPLES = 2
+
+
 def chunk_kwargs(config) -> Dict[str, Any]:
-  """How the matching runs (patches.match_map), products in --dtype."""
+  """How the exact matching runs (patches.match_map), products in
+  --dtype; --matching=patchmatch and auto scan with matmul where they
+  scan."""
   kwargs = {"chunk_size": config.chunk_size} if config.chunk_size else {}
-  kwargs.update(matching=config.matching,
+  kwargs.update(matching=config.matching if config.matching in
+                patches.MATCHINGS else "matmul",
                 compute_dtype=None if config.dtype == "float32"
                 else config.dtype)
   return kwargs
 
 
 def _mrf_loss(config, x, features, targets, weights):
+  """Eq. 2 summed over the MRF layers (losses.mrf_loss).
+
+  Without a `CARRY` each layer's matching is the exact scan inside
+  losses.mrf_loss (as it always was). With one, the matches are made here
+  and returned as the next field: by PatchMatch from the carried field
+  (targets 'patchmatch'; one --patchmatch_passes pass count per
+  evaluation), or, on an exact level before a PatchMatch level, by the
+  exact scan.
+  """
   del x
   values, stats = {}, {}
   synthesis_maps = targets.get("synthesis_maps", {})
-  for layer in config.mrf_layers:
+  carry = targets.get(CARRY)
+  search = targets.get("patchmatch")
+  kwargs = chunk_kwargs(config)
+  if carry is not None:
+    # One split per evaluation: [next key, one key per layer].
+    keys = patches.split_key(carry["key"], 1 + len(config.mrf_layers))
+    fields = {}
+  for i, layer in enumerate(config.mrf_layers):
+    matches = None
+    if carry is not None:
+      fmap = jax.lax.stop_gradient(features[layer])
+      if search is not None:
+        synth = patches.extract_patches(fmap, patch_size=config.patch_size,
+                                        stride=config.synth_stride)
+        grid = tuple(len(patches.grid_positions(
+            side, config.patch_size, config.synth_stride))
+                     for side in fmap.shape[:2])
+        matches = patches.patchmatch(
+            synth, targets[layer], search[layer]["grid"],
+            carry["fields"][layer], keys[1 + i],
+            synth_grid=grid, num_passes=config.patchmatch_passes,
+            radii=search[layer]["radii"], samples=PATCHMATCH_SAMPLES,
+            synth_map=synthesis_maps.get(layer))
+      else:
+        matches = patches.match_map(
+            fmap, targets[layer], patch_size=config.patch_size,
+            stride=config.synth_stride, chunk_size=kwargs.get(
+                "chunk_size", patches.DEFAULT_CHUNK_SIZE),
+            method=kwargs["matching"], compute_dtype=kwargs["compute_dtype"],
+            synth_map=synthesis_maps.get(layer))
+      fields[layer] = matches[0]
     value, layer_stats = losses.mrf_loss(
         features[layer], targets[layer], weight=weights[layer],
         patch_size=config.patch_size, stride=config.synth_stride,
         threshold=config.confidence_threshold,
-        synth_map=synthesis_maps.get(layer), **chunk_kwargs(config))
+        synth_map=synthesis_maps.get(layer), matches=matches, **kwargs)
     values[layer] = value
     for name, stat in layer_stats.items():
       stats[f"{name}_{layer}"] = stat
-  return values, stats
+  if carry is None:
+    return values, stats
+  return values, stats, {"fields": fields, "key": keys[0]}
 
 
 def _mrf_tile_loss(config, tile, features, banks, weights):
@@ -405,7 +577,7 @@ def _mrf_tile_stats(config, partial):
 
 
 MRF = register(Term(
-    name="mrf", active=_mrf_active, layers=lambda c: c.mrf_layers,
+    name=MRF_NAME, active=_mrf_active, layers=lambda c: c.mrf_layers,
     weights=_mrf_weights, build=_mrf_build, loss=_mrf_loss,
     tile_loss=_mrf_tile_loss, tile_stats=_mrf_tile_stats))
 

@@ -72,13 +72,17 @@ class Checkpoint:
 
   x: [N, H, W, 3] preprocessed image; state_leaves: the optimiser state
   flattened (restored onto the structure the solver's `state_like` gives);
-  history: every log record so far.
+  history: every log record so far; carry: the terms' carried state
+  ({term name: nested dict of [N, ...] arrays}, `terms.CARRY`; also inside
+  the optimiser state, and kept apart so that a checkpoint at the end of a
+  level can start the next level's field without that level's state).
   """
   level: int
   iteration: int
   x: np.ndarray
   state_leaves: List[np.ndarray]
   history: List[Dict[str, Any]]
+  carry: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def restore_state(self, like):
     leaves, treedef = jax.tree.flatten(like)
@@ -145,9 +149,10 @@ class Writer:
     if every and iteration % every == 0:
       self.save_image(f"iter_level{level + 1}_{iteration:04d}.png", rgb)
 
-  def save_checkpoint(self, level, iteration, x, state):
+  def save_checkpoint(self, level, iteration, x, state, carry=None):
     leaves = jax.device_get(jax.tree.leaves(state))
     arrays = {f"state_{i:03d}": np.asarray(v) for i, v in enumerate(leaves)}
+    arrays.update(_flatten_carry(jax.device_get(carry or {})))
     meta = {"level": level, "iteration": iteration,
             "flags": self.flag_lines, "history": self.records}
     def write(f):
@@ -171,6 +176,8 @@ class Writer:
         x = data["x"]
         leaves = [data[k] for k in sorted(data.files)
                   if k.startswith("state_")]
+        carry = _unflatten_carry({k: data[k] for k in data.files
+                                  if k.startswith(_CARRY_PREFIX)})
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"--resume: cannot read the checkpoint {path}: "
                        f"{e}") from None
@@ -184,7 +191,7 @@ class Writer:
           f"{self.workdir / FLAGS_NAME})")
     self.records = list(meta["history"])
     return Checkpoint(meta["level"], meta["iteration"], x, leaves,
-                      meta["history"])
+                      meta["history"], carry)
 
   def final(self, rgb) -> List[pathlib.Path]:
     self.write_log()
@@ -196,6 +203,35 @@ class Writer:
       if (self.workdir / name).exists():
         (self.workdir / name).unlink()
     return paths
+
+
+# A checkpoint's carried state is stored as arrays named
+# carry.TERM.KEY.KEY... (nested dicts; keys are term, layer and field names,
+# which hold no dots).
+_CARRY_PREFIX = "carry."
+
+
+def _flatten_carry(tree, prefix=_CARRY_PREFIX) -> Dict[str, np.ndarray]:
+  out = {}
+  for key, value in tree.items():
+    if "." in str(key):
+      raise ValueError(f"a carried state's key holds a dot: {key!r}")
+    if isinstance(value, dict):
+      out.update(_flatten_carry(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = np.asarray(value)
+  return out
+
+
+def _unflatten_carry(arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for name, value in arrays.items():
+    *path, last = name[len(_CARRY_PREFIX):].split(".")
+    node = tree
+    for key in path:
+      node = node.setdefault(key, {})
+    node[last] = value
+  return tree
 
 
 class WorkdirBusyError(config_lib.ConfigError):

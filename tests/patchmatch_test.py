@@ -73,3 +73,40 @@ def test_the_exact_field_is_kept():
                                      jax.random.PRNGKey(1), synth_grid=(6, 5),
                                      num_passes=2)
   np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+
+
+def test_semantic_maps_rank_the_candidates_as_the_exact_scan():
+  """With maps (Champandard 2016) PatchMatch ranks by feature NCC plus the
+  map part, as `match`: the exact semantic field is kept, and from a
+  random start the field converges on the semantic argmax."""
+  rng, copies, _, grid = _setup(2)
+  labels = [np.zeros(c.shape[:2] + (2,), np.float32) for c in copies]
+  for label in labels:  # left half label 0, right half label 1
+    half = label.shape[1] // 2
+    label[:, :half, 0], label[:, half:, 1] = 1, 1
+  bank = patches.build_bank([jnp.asarray(c) for c in copies],
+                            semantic_maps=labels)
+  synth_features = _smooth_map(rng, 13, 11, 8)
+  synth_labels = np.zeros((13, 11, 2), np.float32)
+  synth_labels[:7, :, 0], synth_labels[7:, :, 1] = 1, 1
+  synth_map = patches.synthesis_map(synth_labels, weight=10.0)
+  synth = patches.extract_patches(jnp.asarray(synth_features), stride=2)
+  exact, exact_scores = patches.match(synth, bank, synth_map=synth_map)
+  run = jax.jit(lambda f, k: patches.patchmatch(
+      synth, bank, grid, f, k, synth_grid=(6, 5), synth_map=synth_map,
+      num_passes=2))
+  kept, kept_scores = run(exact, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(kept, exact)
+  np.testing.assert_allclose(kept_scores, exact_scores, rtol=1e-5)
+  field = jnp.asarray(rng.integers(0, bank.patches.shape[0], 30), jnp.int32)
+  key = jax.random.PRNGKey(1)
+  for _ in range(8):
+    key, step = jax.random.split(key)
+    field, scores = run(field, step)
+  agree = np.mean(np.asarray(bank.labels[field]) ==
+                  np.asarray(synth_map.labels))
+  assert agree == np.mean(np.asarray(bank.labels[exact]) ==
+                          np.asarray(synth_map.labels))
+  assert np.mean(np.asarray(field) == np.asarray(exact)) > 0.6
+  np.testing.assert_allclose(np.mean(scores), np.mean(exact_scores),
+                             rtol=0.03)

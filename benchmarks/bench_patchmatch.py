@@ -57,6 +57,7 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import losses
 from cnnmrf_jax import patches
+from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import plan
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import vgg
@@ -211,19 +212,19 @@ def _field(args, params, convention):
   for layer in args.layers:
     synth_map, style_map = content[layer], style[layer]
     bank = patches.build_bank([style_map])
-    grid = patches.bank_grid([style_map.shape])
+    grid = patchmatch_lib.bank_grid([style_map.shape])
     synth = patches.extract_patches(synth_map, patch_size=3, stride=2)
     synth_grid = (len(patches.grid_positions(synth_map.shape[0], 3, 2)),
                   len(patches.grid_positions(synth_map.shape[1], 3, 2)))
     exact_fn = jax.jit(lambda p, bank=bank: patches.match(p, bank))
     pass_fn = jax.jit(lambda p, f, k, bank=bank, grid=grid, g=synth_grid:
-                      patches.patchmatch(p, bank, grid, f, k, synth_grid=g))
+                      patchmatch_lib.patchmatch(p, bank, grid, f, k, synth_grid=g))
     exact, exact_scores = jax.block_until_ready(exact_fn(synth))
     exact_energy = float(_energy(synth_map, bank, exact, exact_scores))
     name = (f"{layer} at {size} px (P={synth.shape[0]}, "
             f"M={bank.patches.shape[0]})")
     key = jax.random.PRNGKey(0)
-    field = patches.random_field(key, synth.shape[0], bank.patches.shape[0])
+    field = patchmatch_lib.random_field(key, synth.shape[0], bank.patches.shape[0])
     jax.block_until_ready(pass_fn(synth, field, key))  # compile
     done = 0
     for passes in (1, 2, 5, 10, 20):

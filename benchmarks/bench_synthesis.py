@@ -75,6 +75,7 @@ import numpy as np
 
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import patches
+from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import plan
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import targets as targets_lib
@@ -230,7 +231,7 @@ def _level_worker(spec):
   for layer in config.mrf_layers:
     bank = targets["mrf"][layer]
     if search is not None:
-      steps = config.patchmatch_passes * patches.candidates_per_pass(
+      steps = config.patchmatch_passes * patchmatch_lib.candidates_per_pass(
           search[layer]["grid"].starts.shape[-1],
           search[layer]["radii"].shape[-1],
           samples=terms.PATCHMATCH_SAMPLES)

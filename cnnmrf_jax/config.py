@@ -85,7 +85,7 @@ class Config:
   # How the matching runs: the exact scans compute the same nearest
   # neighbours (a matmul of extracted patches, the faster on CPU, or a conv
   # with the style patches as filters); patchmatch an approximate field
-  # carried between evaluations (patches.patchmatch, Barnes et al. 2009);
+  # carried between evaluations (patchmatch_lib.patchmatch, Barnes et al. 2009);
   # auto lets the plan choose per level (plan.choose_matching).
   matching: str = _option(
       "matmul", "How synthesis patches find their nearest style patch. "

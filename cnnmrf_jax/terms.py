@@ -40,6 +40,7 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import image_io
 from cnnmrf_jax import losses
 from cnnmrf_jax import patches
+from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import semantic
 from cnnmrf_jax import temporal
 from cnnmrf_jax import tiling as tiling_lib
@@ -219,7 +220,6 @@ def make_objective(config: config_lib.Config, model: Any,
     return total, {"terms": values, "stats": stats, "carry": carry}
 
   feature_terms = [t for t in terms if t.layers(config)]
-  pixel_terms = [t for t in terms if not t.layers(config)]
 
   def tile_loss(piece, window, tile, params, targets):
     features = float32(model.apply({"params": params}, piece[None],
@@ -377,12 +377,12 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
   """The nearest-neighbour field's targets of a level, if it keeps one.
 
   A PatchMatch level (the plan's `matching`) gets 'patchmatch': {layer:
-  {'grid': its copies' `patches.BankGrid` (padded to the batch's number of
+  {'grid': its copies' `patchmatch_lib.BankGrid` (padded to the batch's number of
   copies), 'radii': the random search radii, int32 [n] (from the batch's
   largest copy, so every pair has the same n)}} and `CARRY`: {'fields':
   {layer: int32 [P]}, 'key': uint32 [2]}. The field starts from the
   previous level's (`PairLevel.carried`), upsampled
-  (`patches.upsample_field`), or else uniformly at random from
+  (`patchmatch_lib.upsample_field`), or else uniformly at random from
   (--seed, level), as its PRNG key: the same for a pair alone or in a
   batch. An exact level
   followed by a PatchMatch level (--matching=auto) carries its exact
@@ -407,7 +407,7 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
     if previous is not None and coarser:
       coarse_synth, coarse_copies = _layer_maps(coarser[0], pair.pair, layer,
                                                 config.network)
-      field = (patches.upsample_field(
+      field = (patchmatch_lib.upsample_field(
           np.asarray(previous["fields"][layer]), synth_from=coarse_synth,
           synth_to=synth, copies_from=coarse_copies, copies_to=copies,
           patch_size=config.patch_size, synth_stride=config.synth_stride,
@@ -416,18 +416,18 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
       field = rng.integers(0, real, mrf.num_patches, dtype=np.int32)
     fields[layer] = jnp.asarray(field)
     if patchmatch:
-      grid = patches.bank_grid(copies, config.patch_size,
+      grid = patchmatch_lib.bank_grid(copies, config.patch_size,
                                config.style_stride)
       num_copies = max(len(c) for c in level.copies)
       # The batch's largest copy sets the radii, so that pairs share n.
-      largest = patches.bank_grid(
+      largest = patchmatch_lib.bank_grid(
           [s for p in range(len(level.copies))
            for s in _layer_maps(level, p, layer, config.network)[1]],
           config.patch_size, config.style_stride)
       search[layer] = {
-          "grid": patches.BankGrid(*map(jnp.asarray, patches.pad_grid(
+          "grid": patchmatch_lib.BankGrid(*map(jnp.asarray, patchmatch_lib.pad_grid(
               grid, num_copies, mrf.bank_size))),
-          "radii": jnp.asarray(patches.search_radii(largest))}
+          "radii": jnp.asarray(patchmatch_lib.search_radii(largest))}
   # A raw threefry key (uint32 [2]; any value is one).
   targets = {CARRY: {"fields": fields, "key": jnp.asarray(rng.integers(
       0, 2 ** 32, 2, dtype=np.uint32))}}
@@ -436,7 +436,7 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
   return targets
 
 
-# Random search draws per radius and pass (patches.patchmatch's samples).
+# Random search draws per radius and pass (patchmatch_lib.patchmatch's samples).
 # On relu3_1 features of example:astronaut against example:coffee at 256
 # px, from a random start (benchmarks/bench_patchmatch.py --field_size):
 # 2 draws per radius reached in 10 passes the mean NCC that 1 draw reached
@@ -476,7 +476,7 @@ def _mrf_loss(config, x, features, targets, weights):
   kwargs = chunk_kwargs(config)
   if carry is not None:
     # One split per evaluation: [next key, one key per layer].
-    keys = patches.split_key(carry["key"], 1 + len(config.mrf_layers))
+    keys = patchmatch_lib.split_key(carry["key"], 1 + len(config.mrf_layers))
     fields = {}
   for i, layer in enumerate(config.mrf_layers):
     matches = None
@@ -488,7 +488,7 @@ def _mrf_loss(config, x, features, targets, weights):
         grid = tuple(len(patches.grid_positions(
             side, config.patch_size, config.synth_stride))
                      for side in fmap.shape[:2])
-        matches = patches.patchmatch(
+        matches = patchmatch_lib.patchmatch(
             synth, targets[layer], search[layer]["grid"],
             carry["fields"][layer], keys[1 + i],
             synth_grid=grid, num_passes=config.patchmatch_passes,

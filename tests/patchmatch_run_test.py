@@ -1,6 +1,6 @@
 """Tests of --matching=patchmatch and auto wired into the synthesis.
 
-The PatchMatch field (patches.patchmatch, Barnes et al. 2009) is the MRF
+The PatchMatch field (patchmatch_lib.patchmatch, Barnes et al. 2009) is the MRF
 term's carried state (terms.CARRY): these check that the objective with the
 exact argmax as its field is the exact objective, that evaluations only
 improve the field, that runs in both modes fall in loss, that a batch
@@ -20,6 +20,7 @@ import pytest
 
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import patches
+from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import plan as plan_lib
 from cnnmrf_jax import solve
 from cnnmrf_jax import synthesize
@@ -255,12 +256,12 @@ def test_a_coarser_field_upsampled_keeps_its_matches():
   k, stride = 3, 2
   copies_coarse = [(9, 11), (10, 9)]
   copies_fine = [(18, 22), (20, 18)]
-  coarse = patches.bank_grid(copies_coarse, k, stride)
-  fine = patches.bank_grid(copies_fine, k, stride)
+  coarse = patchmatch_lib.bank_grid(copies_coarse, k, stride)
+  fine = patchmatch_lib.bank_grid(copies_fine, k, stride)
   for copy in (0, 1):
     count = int(coarse.rows[copy] * coarse.cols[copy])
     field = coarse.starts[copy] + np.arange(count)
-    out = patches.upsample_field(
+    out = patchmatch_lib.upsample_field(
         field, synth_from=copies_coarse[copy], synth_to=copies_fine[copy],
         copies_from=copies_coarse, copies_to=copies_fine, patch_size=k,
         synth_stride=stride, style_stride=stride)
@@ -274,7 +275,7 @@ def test_a_coarser_field_upsampled_keeps_its_matches():
     assert np.abs(cols - want_cols).max() <= 1
   # Any field, padding indices included, maps into the fine bank.
   rng = np.random.default_rng(0)
-  out = patches.upsample_field(
+  out = patchmatch_lib.upsample_field(
       rng.integers(0, 10 ** 4, 60), synth_from=(13, 13), synth_to=(26, 25),
       copies_from=copies_coarse, copies_to=copies_fine)
   size = int(fine.starts[-1] + fine.rows[-1] * fine.cols[-1])
@@ -309,7 +310,7 @@ def test_an_upsampled_field_finds_the_finer_matches():
   coarse_bank = patches.build_bank([jnp.asarray(style_coarse)])
   fine_bank = patches.build_bank([jnp.asarray(style_fine)])
   field, _ = patches.match_map(jnp.asarray(synth_coarse), coarse_bank)
-  fine_field = patches.upsample_field(
+  fine_field = patchmatch_lib.upsample_field(
       np.asarray(field), synth_from=synth_coarse.shape[:2],
       synth_to=synth_fine.shape[:2], copies_from=[style_coarse.shape[:2]],
       copies_to=[style_fine.shape[:2]])
@@ -321,7 +322,7 @@ def test_an_upsampled_field_finds_the_finer_matches():
         jnp.sum(synth * fine_bank.patches[f], axis=1) *
         fine_bank.inv_norms[f] / jnp.linalg.norm(synth, axis=1)))
 
-  random = patches.random_field(jax.random.PRNGKey(0), synth.shape[0],
+  random = patchmatch_lib.random_field(jax.random.PRNGKey(0), synth.shape[0],
                                 fine_bank.patches.shape[0])
   exact_mean = float(jnp.mean(exact_scores))
   # Every synthesis patch but the tail column (stride plus tail) is a style

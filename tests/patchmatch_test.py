@@ -1,10 +1,11 @@
-"""Tests for patches.patchmatch: an approximate field scored by exact NCC."""
+"""Tests for patchmatch_lib.patchmatch: an approximate field scored by exact NCC."""
 
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 from cnnmrf_jax import patches
+from cnnmrf_jax import patchmatch as patchmatch_lib
 
 
 def _smooth_map(rng, height, width, channels):
@@ -22,7 +23,7 @@ def _setup(seed=0):
   rng = np.random.default_rng(seed)
   copies = [_smooth_map(rng, 21, 17, 8), _smooth_map(rng, 15, 19, 8)]
   bank = patches.build_bank([jnp.asarray(c) for c in copies])
-  grid = patches.bank_grid([c.shape for c in copies])
+  grid = patchmatch_lib.bank_grid([c.shape for c in copies])
   return rng, copies, bank, grid
 
 
@@ -31,9 +32,9 @@ def test_bank_grid_indexes_the_bank():
   assert int(grid.starts[-1] + grid.rows[-1] * grid.cols[-1]) == (
       bank.patches.shape[0])
   index = jnp.arange(bank.patches.shape[0])
-  copy, row, col = patches._grid_coords(index, grid)
+  copy, row, col = patchmatch_lib._grid_coords(index, grid)
   np.testing.assert_array_equal(
-      patches._grid_index(copy, row, col, grid), index)
+      patchmatch_lib._grid_index(copy, row, col, grid), index)
   assert int(copy[-1]) == len(copies) - 1
 
 
@@ -47,7 +48,7 @@ def test_it_finds_a_copied_map_and_never_gets_worse():
   exact, exact_scores = patches.match(synth, bank)
   field = jnp.asarray(rng.integers(0, bank.patches.shape[0], rows * cols),
                       jnp.int32)
-  run = jax.jit(lambda f, k: patches.patchmatch(
+  run = jax.jit(lambda f, k: patchmatch_lib.patchmatch(
       synth, bank, grid, f, k, synth_grid=(rows, cols)))
   previous = -np.inf * np.ones(rows * cols)
   key = jax.random.PRNGKey(0)
@@ -69,7 +70,7 @@ def test_the_exact_field_is_kept():
   synth = patches.extract_patches(jnp.asarray(synth_map), patch_size=3,
                                   stride=2)
   exact, exact_scores = patches.match(synth, bank)
-  field, scores = patches.patchmatch(synth, bank, grid, exact,
+  field, scores = patchmatch_lib.patchmatch(synth, bank, grid, exact,
                                      jax.random.PRNGKey(1), synth_grid=(6, 5),
                                      num_passes=2)
   np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
@@ -92,7 +93,7 @@ def test_semantic_maps_rank_the_candidates_as_the_exact_scan():
   synth_map = patches.synthesis_map(synth_labels, weight=10.0)
   synth = patches.extract_patches(jnp.asarray(synth_features), stride=2)
   exact, exact_scores = patches.match(synth, bank, synth_map=synth_map)
-  run = jax.jit(lambda f, k: patches.patchmatch(
+  run = jax.jit(lambda f, k: patchmatch_lib.patchmatch(
       synth, bank, grid, f, k, synth_grid=(6, 5), synth_map=synth_map,
       num_passes=2))
   kept, kept_scores = run(exact, jax.random.PRNGKey(0))

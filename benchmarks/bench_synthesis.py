@@ -231,13 +231,20 @@ def _level_worker(spec):
   for layer in config.mrf_layers:
     bank = targets["mrf"][layer]
     if search is not None:
-      steps = config.patchmatch_passes * patchmatch_lib.candidates_per_pass(
+      steps = patchmatch_lib.candidates_per_pass(
           search[layer]["grid"].starts.shape[-1],
           search[layer]["radii"].shape[-1],
-          samples=terms.PATCHMATCH_SAMPLES)
+          samples=terms.PATCHMATCH_SAMPLES,
+          num_random=terms.PATCHMATCH_RANDOM,
+          num_hops=terms.PATCHMATCH_HOPS)
       num_p, depth = patches.extract_patches(
           features[layer][0], stride=config.synth_stride).shape
-      loop_correction += (steps - 1) * 2.0 * num_p * depth * x.shape[0]
+      # XLA's flop count sees one candidate step and one shared block of
+      # the pass loop; the rest is added here.
+      counted = 1 + terms.PATCHMATCH_SHARED
+      total = config.patchmatch_passes * (steps + terms.PATCHMATCH_SHARED)
+      loop_correction += ((total - counted) * 2.0 * num_p * depth *
+                          x.shape[0])
       continue
     def matcher(chunk):
       kw = dict(match_kwargs, chunk_size=chunk)
@@ -271,6 +278,12 @@ def _level_worker(spec):
 
   objective = jax.vmap(jax.value_and_grad(synth.objective, has_aux=True),
                        in_axes=(0, None, 0))
+  if search is not None:
+    # The parts at a steady evaluation's pass count, not the level's first.
+    carry = targets["mrf"][terms.CARRY]
+    targets = terms.with_carry(targets, {"mrf": dict(
+        carry, passes=jnp.full_like(carry["passes"],
+                                    config.patchmatch_passes))})
   probe = _Probe(spec["probe_size"])
   parts = {
       "probe": (probe.fn, probe.args),

@@ -115,12 +115,17 @@ def _mix32(x: jnp.ndarray) -> jnp.ndarray:
   return x ^ (x >> 16)
 
 
-def _hash_bits(key: jnp.ndarray, count: int) -> jnp.ndarray:
-  """count uint32 hashes of the counters 0..count-1 under key uint32 [2]."""
+def _key_words(key: jnp.ndarray) -> jnp.ndarray:
+  """A key as uint32 [2] (a typed jax.random key's data)."""
   key = jnp.asarray(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  key = key.astype(jnp.uint32).reshape(-1)
+  return key.astype(jnp.uint32).reshape(-1)
+
+
+def _hash_bits(key: jnp.ndarray, count: int) -> jnp.ndarray:
+  """count uint32 hashes of the counters 0..count-1 under key uint32 [2]."""
+  key = _key_words(key)
   counter = jnp.arange(count, dtype=jnp.uint32)
   return _mix32(_mix32(counter ^ key[0]) + key[1] * jnp.uint32(0x9E3779B9))
 
@@ -130,6 +135,16 @@ def hash_uniform(key: jnp.ndarray, shape: Sequence[int]) -> jnp.ndarray:
   bits = _hash_bits(key, math.prod(shape))
   return ((bits >> 8).astype(jnp.float32) *
           np.float32(1.0 / (1 << 24))).reshape(tuple(shape))
+
+
+def fold_key(key: jnp.ndarray, data) -> jnp.ndarray:
+  """A new key uint32 [2] from a key and an integer (traced or not)."""
+  key = _key_words(key)
+  data = jnp.asarray(data).astype(jnp.uint32)
+  return jnp.stack([
+      _mix32(key[0] ^ _mix32(data + jnp.uint32(0x632BE5AB))),
+      _mix32(key[1] + _mix32(data * jnp.uint32(0x9E3779B9) +
+                             jnp.uint32(0x85157AF5)))])
 
 
 def split_key(key: jnp.ndarray, num: int) -> jnp.ndarray:
@@ -148,14 +163,21 @@ def _candidate_scores(patches, inv_p, bank: patch_ops.PatchBank, index, synth_ma
   NCC plus the map part, as `patch_ops._semantic_scores`. Invalid bank rows score
   -inf, so they never win.
   """
-  targets = jnp.take(bank.patches, index, axis=0).astype(patches.dtype)
-  score = jnp.sum(patches * targets, axis=1) * jnp.take(
-      bank.inv_norms, index).astype(patches.dtype)
+  # Row-wise dot products as an einsum (a dot_general with a batch
+  # dimension): written as sum(a * b, axis=1), under vmap (a [N, P, D]
+  # product reduced over its minor axis) inside the candidate loop XLA:CPU
+  # ran it 15x slower. Indices are in bounds (`_grid_index` clamps).
+  take = lambda table: jnp.take(table, index, axis=0, mode="clip")
+  targets = take(bank.patches).astype(patches.dtype)
+  score = jnp.einsum("pd,pd->p", patches, targets,
+                     precision=lax.Precision.HIGHEST) * take(
+      bank.inv_norms).astype(patches.dtype)
   if synth_map is not None:
-    maps = jnp.take(bank.map_patches, index, axis=0).astype(patches.dtype)
-    score = score * inv_p + jnp.sum(
-        synth_map.patches.astype(patches.dtype) * maps, axis=1)
-  return jnp.where(jnp.take(bank.valid, index), score, -jnp.inf)
+    maps = take(bank.map_patches).astype(patches.dtype)
+    score = score * inv_p + jnp.einsum(
+        "pd,pd->p", synth_map.patches.astype(patches.dtype), maps,
+        precision=lax.Precision.HIGHEST)
+  return jnp.where(take(bank.valid), score, -jnp.inf)
 
 
 def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
@@ -163,6 +185,9 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
                synth_grid: Tuple[int, int], num_passes: int = 1,
                jumps: Sequence[int] = (4, 2, 1),
                radii: Optional[jnp.ndarray] = None, samples: int = 1,
+               num_random: int = 1, num_hops: int = 1,
+               num_shared: int = 0,
+               synth_stride: int = 2, style_stride: int = 2,
                synth_map: Optional[patch_ops.SynthesisMap] = None
                ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Improves a nearest-neighbour field by PatchMatch, scored by exact NCC.
@@ -173,13 +198,14 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
   four grid directions, the match of the neighbour d grid positions away,
   shifted by d on the style copy's own grid), random search (`samples`
   candidates uniform within radius min(r, copy's larger side) around the
-  current match on its copy's grid for each r in `radii`), one uniformly
-  random bank patch, and with several copies a hop (the current match's
-  relative position in a random other copy: the copies are rotations and
-  scales of the same images). A candidate replaces the match only if its
-  score is strictly higher, so a field never gets worse for fixed
-  patches. Cost per pass: P x (4 len(jumps) + samples len(radii) + 2)
-  dot products of length D (gathered from the bank), not P x M.
+  current match on its copy's grid for each r in `radii`), `num_random`
+  uniformly random bank patches, and with several copies `num_hops` hops
+  (the current match's relative position in a random other copy: the
+  copies are rotations and scales of the same images). A candidate
+  replaces the match only if its score is strictly higher, so a field
+  never gets worse for fixed patches. Cost per pass: P x
+  `candidates_per_pass` dot products of length D (gathered from the
+  bank), not P x M.
 
   Args:
     patches: [P, D] synthesis patches on a synth_grid (rows, cols) grid.
@@ -191,6 +217,14 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
     radii: int32 [n] random search radii, largest first; None:
       `search_radii(grid)` (grid then numpy). Its length is static.
     samples: random search candidates per radius and pass.
+    num_random: uniformly random bank patches per pass.
+    num_hops: hops to another copy per pass (with several copies).
+    num_shared: random bank patches per pass scored against every
+      synthesis patch as one matrix product (0: none).
+    num_passes: an int, or a traced int32 scalar.
+    synth_stride, style_stride: the grids' strides; a neighbour d
+      synthesis grid positions away has its match shifted by
+      d * synth_stride / style_stride style grid positions.
     synth_map: None, or the synthesis patches' `patch_ops.SynthesisMap` (the bank
       then carries its map part): candidates are ranked by feature NCC
       plus map NCC times sqrt(w), as `match` does.
@@ -224,32 +258,30 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
     better = score > best
     return jnp.where(better, candidate, field), jnp.where(better, score, best)
 
-  # Every candidate of every pass is one step of one lax.scan with a single
+  # Every candidate of a pass is one step of one lax.scan with a single
   # scoring body (unrolled, the ~20 candidates per pass and MRF layer made
   # the solver's programs compile 3x slower than the exact scan's; one
   # scan per kind of candidate, 2x). Per step: the kind (0 propagation,
   # 1 random search, 2 a random bank patch, 3 a hop to another copy), the
   # propagation offset (dr, dc) and the search radius. Propagation, d in
   # jumps, in the four directions, first; then `samples` draws at each
-  # radius, largest first; then the random patch; then, with several
-  # copies, the hop.
+  # radius, largest first; then the random patches; then, with several
+  # copies, the hops (`candidates_per_pass` counts them).
   n = radii.shape[0]
   num_copies = np.shape(grid.starts)[0]
-  # The order of candidates_per_pass's count.
-  steps = [(0, d * sr, d * sc) for d in jumps
+  # (kind, neighbour offset on the synthesis grid, the shift of its match
+  # on the style grid: the same distance in feature-map units).
+  shift = lambda d: int(round(d * synth_stride / style_stride))
+  steps = [(0, d * sr, d * sc, shift(d * sr), shift(d * sc)) for d in jumps
            for sr, sc in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-  steps += [(1, 0, 0)] * (n * samples) + [(2, 0, 0)]
-  steps += [(3, 0, 0)] if num_copies > 1 else []
-  kinds, step_r, step_c = (np.tile(np.asarray(column, np.int32), num_passes)
-                           for column in zip(*steps))
-  step_radii = jnp.tile(jnp.concatenate([
+  steps += [(1, 0, 0, 0, 0)] * (n * samples)
+  steps += [(2, 0, 0, 0, 0)] * num_random
+  steps += [(3, 0, 0, 0, 0)] * num_hops if num_copies > 1 else []
+  columns = tuple(jnp.asarray(column, jnp.int32) for column in zip(*steps))
+  step_radii = jnp.concatenate([
       jnp.zeros((4 * len(jumps),), jnp.int32),
       jnp.repeat(jnp.asarray(radii, jnp.int32), samples),
-      jnp.zeros((len(steps) - 4 * len(jumps) - n * samples,), jnp.int32)]),
-                        num_passes)
-  # The draws of every step at once, from a counter hash (`hash_uniform`):
-  # [steps, 2, P] (propagation steps draw too, and use radius 0).
-  draws = hash_uniform(key, (len(kinds), 2, rows * cols))
+      jnp.zeros((len(steps) - 4 * len(jumps) - n * samples,), jnp.int32)])
   position = jnp.arange(rows * cols, dtype=jnp.int32)
   pos_r, pos_c = position // cols, position % cols
   starts = jnp.asarray(grid.starts)
@@ -257,10 +289,10 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
 
   def step(carry, xs):
     field, _ = carry
-    kind, dr, dc, radius, u = xs
-    # Propagation: the neighbour at grid offset (-dr, -dc) (wrapping
+    kind, nr, nc, dr, dc, radius, u = xs
+    # Propagation: the neighbour at grid offset (-nr, -nc) (wrapping
     # around, as jnp.roll) suggests its match shifted by (dr, dc).
-    neighbour = field[((pos_r - dr) % rows) * cols + (pos_c - dc) % cols]
+    neighbour = field[((pos_r - nr) % rows) * cols + (pos_c - nc) % cols]
     copy, r, c = _grid_coords(jnp.where(kind == 0, neighbour, field), grid)
     # Hop: the same relative position in a random copy (the copies are
     # rotations and scales of the same images, so the place that matched
@@ -283,9 +315,43 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
     anywhere = jnp.minimum(jnp.floor(u[0] * m).astype(jnp.int32), m - 1)
     return consider(carry, jnp.where(kind == 2, anywhere, candidate)), None
 
-  (field, best), _ = lax.scan(step, (field, best), (
-      jnp.asarray(kinds), jnp.asarray(step_r), jnp.asarray(step_c),
-      step_radii, draws))
+  def shared(carry, pass_key):
+    """num_shared random bank patches scored against every synthesis
+    patch at once: a [K, D] x [D, P] product, as one chunk of the exact
+    scan (`patch_ops._scan_bank`), and each patch's best of them as its
+    candidate."""
+    field, best = carry
+    u = hash_uniform(pass_key, (num_shared,))
+    picked = jnp.minimum(jnp.floor(u * m).astype(jnp.int32), m - 1)  # [K]
+    take = lambda table: jnp.take(table, picked, axis=0, mode="clip")
+    dots = lax.dot_general(take(bank.patches).astype(dtype), patches,
+                           (((1,), (1,)), ((), ())),
+                           precision=lax.Precision.HIGHEST,
+                           preferred_element_type=dtype)  # [K, P]
+    inv, valid = take(bank.inv_norms).astype(dtype), take(bank.valid)
+    if synth_map is None:
+      scores = patch_ops._normalise_scores(dots, inv, valid)
+    else:
+      scores = patch_ops._semantic_scores(
+          dots, inv, valid, inv_p, take(bank.map_patches), synth_map.patches)
+    score, index = patch_ops._block_best(scores)
+    better = score > best
+    return (jnp.where(better, picked[index], field),
+            jnp.where(better, score, best))
+
+  def one_pass(i, carry):
+    pass_key = fold_key(key, i)
+    if num_shared:
+      carry = shared(carry, fold_key(pass_key, 1))
+    # The pass's draws at once, from a counter hash (`hash_uniform`):
+    # [steps, 2, P] (propagation steps draw too, and use radius 0).
+    draws = hash_uniform(pass_key, (len(steps), 2, rows * cols))
+    carry, _ = lax.scan(step, carry, columns + (step_radii, draws))
+    return carry
+
+  # num_passes may be traced (a while loop then), so that an evaluation
+  # can run more passes than the next without another program.
+  field, best = lax.fori_loop(0, num_passes, one_pass, (field, best))
   if synth_map is not None:
     return patch_ops._finish_semantic(best, field, patches, bank)
   return patch_ops._finish(best, field, jnp.sum(jnp.square(patches), axis=1))
@@ -293,11 +359,12 @@ def patchmatch(patches: jnp.ndarray, bank: patch_ops.PatchBank, grid: BankGrid,
 
 def candidates_per_pass(num_copies: int, num_radii: int, *,
                         jumps: Sequence[int] = (4, 2, 1),
-                        samples: int = 1) -> int:
+                        samples: int = 1, num_random: int = 1,
+                        num_hops: int = 1) -> int:
   """How many candidates `patchmatch` scores per synthesis patch and pass
   (each a gathered bank row and a dot product of length D)."""
-  return (4 * len(jumps) + samples * num_radii + 1 +
-          (1 if num_copies > 1 else 0))
+  return (4 * len(jumps) + samples * num_radii + num_random +
+          (num_hops if num_copies > 1 else 0))
 
 
 def random_field(key: jnp.ndarray, num_patches_: int, bank_size_: int

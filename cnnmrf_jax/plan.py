@@ -14,11 +14,11 @@ feature-map size, the synthesis patch grid and the bank size per MRF layer,
 the matching (--matching=auto: the exact scan, or PatchMatch where the
 scan's flops would exceed the VGG's, `choose_matching`), the tiling of the
 objective (tiling.py; --tile_size=auto tiles a level only when its untiled
-estimate does not fit) and the memory estimate (memory.py). `check` holds every size rule of a run
-(a map smaller than a patch, pairs that cannot share a batch, a run too big
-for the memory), each failing in one line that names the flag. The driver,
-the memory check, the sweep's batching and the workdir's plan.json all read
-the plan; nothing recomputes a size.
+estimate does not fit) and the memory estimate (memory.py). `check` holds
+every size rule of a run (a map smaller than a patch, pairs that cannot
+share a batch, a run too big for the memory), each failing in one line that
+names the flag. The driver, the memory check, the sweep's batching and the
+workdir's plan.json all read the plan; nothing recomputes a size.
 """
 
 import dataclasses

@@ -66,9 +66,9 @@ def test_with_the_exact_argmax_as_field_the_objective_is_the_exact_one(
   assert level.matching == "patchmatch"
   assert set(targets["mrf"]) >= {terms.CARRY, "patchmatch"}
   exact = _exact_fields(synthesizer, x, targets, config)
-  with_field = terms.with_carry(targets, {"mrf": {
-      "fields": {l: m[0] for l, m in exact.items()},
-      "key": targets["mrf"][terms.CARRY]["key"]}})
+  with_field = terms.with_carry(targets, {"mrf": dict(
+      targets["mrf"][terms.CARRY],
+      fields={l: m[0] for l, m in exact.items()})})
   scan = dict(targets, mrf={k: v for k, v in targets["mrf"].items()
                             if k not in (terms.CARRY, "patchmatch")})
   grad_fn = jax.jit(jax.value_and_grad(synthesizer.objective, has_aux=True))
@@ -110,7 +110,7 @@ def test_evaluations_only_improve_the_field(tiny_images, random_vgg19):
   exact = _exact_fields(synthesizer, x, targets, config)
   previous = _field_ncc(synthesizer, x, targets,
                         targets["mrf"][terms.CARRY]["fields"], config)
-  means = []
+  means = [{l: float(v.mean()) for l, v in previous.items()}]  # random
   for _ in range(8):
     _, aux = objective(x, synthesizer.params, targets)
     targets = terms.with_carry(targets, aux["carry"])
@@ -123,10 +123,10 @@ def test_evaluations_only_improve_the_field(tiny_images, random_vgg19):
     means.append({l: float(v.mean()) for l, v in ncc.items()})
     previous = ncc
   for layer, (_, scores) in exact.items():
-    assert means[-1][layer] > means[0][layer]
-    # From a random start, 8 evaluations of one pass each on a ~20x24
-    # grid with ~20x22 style patches.
-    assert means[-1][layer] >= 0.97 * float(np.mean(scores)), layer
+    assert means[1][layer] > means[0][layer]
+    # From a random start, the first evaluation's passes and 7 more on a
+    # ~20x24 grid with ~20x22 style patches.
+    assert means[-1][layer] >= 0.99 * float(np.mean(scores)), layer
 
 
 @pytest.mark.parametrize("mode", ["transfer", "texture"])
@@ -161,6 +161,49 @@ def test_auto_runs_exact_where_the_scan_is_cheap(tiny_images, random_vgg19):
   exact = synthesize.run(config_lib.replace(config, matching="matmul"), None,
                          params=random_vgg19[0], convention=random_vgg19[1])
   np.testing.assert_array_equal(auto.images, exact.images)
+
+
+def test_auto_switches_to_patchmatch_from_the_exact_level_below(
+    tiny_images, random_vgg19, monkeypatch):
+  """Where the plan puts the exact scan below a PatchMatch level, the
+  exact level's matches start the PatchMatch field."""
+  config = _config(tiny_images, matching="auto", num_res=2, num_iter=(3,),
+                   print_every=3, mrf_layers=("relu2_1",),
+                   content_layers=("relu2_1",))
+  inputs = synthesize.load_inputs(config)
+  ratios = [l.scan_flops / l.vgg_flops
+            for l in plan_lib.make(config, inputs.sizes()).levels]
+  monkeypatch.setattr(plan_lib, "AUTO_SCAN_RATIO", sum(ratios) / 2)
+  run_plan = plan_lib.make(config, inputs.sizes())
+  assert [l.matching for l in run_plan.levels] == ["matmul", "patchmatch"]
+  assert "matching patchmatch" in run_plan.table()
+  synthesizer = synthesize.Synthesizer(config, *random_vgg19)
+  built = []
+  level_targets = targets_lib.level_targets
+
+  def spy(*args, **kwargs):
+    built.append((kwargs.get("carried"), level_targets(*args, **kwargs)))
+    return built[-1][1]
+
+  monkeypatch.setattr(targets_lib, "level_targets", spy)
+  result = synthesizer.run(inputs, run_plan=run_plan)
+  (carried_1, coarse), (carried_2, fine) = built
+  assert not carried_1 and "patchmatch" not in coarse["mrf"]
+  assert terms.CARRY in coarse["mrf"]  # the exact level keeps its matches
+  assert "patchmatch" in fine["mrf"]
+  # Level 2 started from level 1's last exact matches, upsampled.
+  level_1, level_2 = run_plan.levels
+  maps = lambda level: [terms.vgg.map_size(h, w, "relu2_1")
+                        for h, w in level.copies[0]]
+  want = patchmatch_lib.upsample_field(
+      np.asarray(carried_2["mrf"]["fields"]["relu2_1"][0]),
+      synth_from=terms.vgg.map_size(*level_1.size, "relu2_1"),
+      synth_to=terms.vgg.map_size(*level_2.size, "relu2_1"),
+      copies_from=maps(level_1), copies_to=maps(level_2))
+  np.testing.assert_array_equal(
+      fine["mrf"][terms.CARRY]["fields"]["relu2_1"][0], want)
+  losses = [r["loss"][0] for r in result.history if r["level"] == 1]
+  assert losses[-1] < losses[0]
 
 
 def test_a_batch_equals_its_pairs_alone(tiny_images, random_vgg19, tmp_path):

@@ -83,6 +83,14 @@ class Synthesizer:
     self.convention = convention or "caffe"
     self.model = vgg.VGG(network=config.network, pooling=config.pooling,
                          dtype=jnp.dtype(config.dtype), conv=config.conv)
+    # The targets' forward passes (one per image and per augmented copy,
+    # each of its own size, so one program each) run as 'xla' whatever
+    # --conv is: the other forms compile several times slower than 'xla',
+    # which costs more than they save on a single pass. Features agree to
+    # float rounding (tests/conv_test.py).
+    self.target_model = vgg.VGG(network=config.network,
+                                pooling=config.pooling,
+                                dtype=jnp.dtype(config.dtype), conv="xla")
     self.layers = config.feature_layers()
     # The kernels in the forms --conv runs them in, transformed once here.
     self.params = vgg.prepare_params(jax.tree.map(jnp.asarray, params),
@@ -129,8 +137,8 @@ class Synthesizer:
   def _features_impl(self, params, images):
     """images: [N, H, W, 3] preprocessed -> {layer: [N, h, w, c]}."""
     TRACE_COUNTS["features"] += 1
-    return terms_lib.float32(self.model.apply({"params": params}, images,
-                                              outputs=self.layers))
+    return terms_lib.float32(self.target_model.apply(
+        {"params": params}, images, outputs=self.layers))
 
   def _update_impl(self, x, state, params, targets):
     TRACE_COUNTS["update"] += 1

@@ -422,7 +422,8 @@ def _bench_iteration(bench, size, args, worker, params, weights_path,
   losses["ours"] = ours.loss()
   medians = {name: statistics.median(t) for name, t in times.items()}
   for name, seconds in medians.items():
-    print(f"{label} {name}: {seconds:.3f} s / iteration (loss after "
+    print(f"{label} {name}: {seconds:.3f} s / iteration (rounds "
+          f"{' '.join(f'{t:.3f}' for t in times[name])} s; loss after "
           f"{losses[name]:.4g}, finite {np.isfinite(losses[name])})",
           flush=True)
   torch_names = [n for n in medians if n.startswith("torch")]

@@ -104,6 +104,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       help="our convolutions in the iteration benches")
   parser.add_argument("--layer", default="relu4_2")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--pause", type=float, default=0.5,
+                      help="seconds of idle before each timed call")
   parser.add_argument("--warmup", type=int, default=2,
                       help="iterations each side runs before the timing")
   parser.add_argument("--compilation_cache", default="",
@@ -129,6 +131,14 @@ def _parse_args(argv=None) -> argparse.Namespace:
   if args.torch_python and not os.access(args.torch_python, os.X_OK):
     parser.error(f"--torch_python: {args.torch_python} is not an executable")
   return args
+
+
+def _settle(args: argparse.Namespace) -> None:
+  """Waits --pause seconds before a timed call: the previous call's thread
+  pool (torch's OpenMP threads, XLA's Eigen threads) may still spin on the
+  cores for a moment after it returns, which would tax whichever side runs
+  next in the round."""
+  time.sleep(args.pause)
 
 
 def _torch_python(args: argparse.Namespace) -> str:
@@ -248,6 +258,7 @@ def _bench_vgg(args, size, worker) -> None:
   times = {name: [] for name in runners}
   for _ in range(args.repeats):
     for name, run in runners.items():
+      _settle(args)
       times[name].append(run())
   medians = {name: statistics.median(t) for name, t in times.items()}
   flops = _flops(args.layer, size)
@@ -413,6 +424,7 @@ def _bench_iteration(bench, size, args, worker, params, weights_path,
   losses = {}
   for _ in range(args.repeats):
     for name, run in runners.items():
+      _settle(args)
       out = run()
       if isinstance(out, dict):
         times[name].append(out["seconds"])

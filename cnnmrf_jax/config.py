@@ -136,7 +136,7 @@ class Config:
   conv: str = _option(
       "auto", "How the VGG's 3x3 convolutions run (same features to float "
       "rounding): xla (lax.conv), matmul (nine shifted matmuls), winograd "
-      "(F(4x4, 3x3) from conv3_1 on), auto (winograd on CPU, xla on GPU "
+      "(F(4x4, 3x3) from conv2_2 on), auto (winograd on CPU, xla on GPU "
       "and TPU).", choices=conv_lib.CONVS)
   # Compute dtype of the VGG and of the matching products: float32, or
   # bfloat16 (accelerators); losses, gradients and L-BFGS stay float32.

@@ -120,7 +120,8 @@ class Conv3x3Test(parameterized.TestCase):
 
   def test_layer_method_keeps_winograd_for_deep_layers_only(self):
     self.assertEqual(conv.layer_method("winograd", 64, 64), "xla")
-    self.assertEqual(conv.layer_method("winograd", 128, 128), "xla")
+    self.assertEqual(conv.layer_method("winograd", 64, 128), "xla")
+    self.assertEqual(conv.layer_method("winograd", 128, 128), "winograd")
     self.assertEqual(conv.layer_method("winograd", 128, 256), "winograd")
     self.assertEqual(conv.layer_method("winograd", 512, 512), "winograd")
     self.assertEqual(conv.layer_method("matmul", 3, 64), "matmul")
@@ -207,7 +208,8 @@ class VGGConvOptionTest(parameterized.TestCase):
     params = vgg.prepare_params(self.params, "winograd", layers=["relu4_2"])
     self.assertIn(vgg.PREPARED[0], params["conv4_2"])
     self.assertNotIn(vgg.PREPARED[0], params["conv4_3"])
-    self.assertNotIn(vgg.PREPARED[0], params["conv2_2"])  # runs as 'xla'
+    self.assertIn(vgg.PREPARED[0], params["conv2_2"])  # 128 -> 128
+    self.assertNotIn(vgg.PREPARED[0], params["conv2_1"])  # runs as 'xla'
     self.assertEqual(params["conv4_2"][vgg.PREPARED[1]].shape, (36, 512, 512))
     self.assertNotIn(vgg.PREPARED[0], self.params["conv4_2"])  # a copy
 

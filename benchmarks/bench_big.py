@@ -132,7 +132,8 @@ def main(argv=None):
   for row in _levels(workdir):
     size = "x".join(map(str, row["size"]))
     tiling = row["tiling"] or "untiled"
-    print(f"level {row['level']}: {size} px, {tiling}, matching "
+    # plan.json and log.jsonl number levels from 0, the log table from 1.
+    print(f"level {row['level'] + 1}: {size} px, {tiling}, matching "
           f"{row['matching']}: {row['seconds_per_iter']:.2f} s / iteration;"
           f" last logged loss {row['loss']}")
   if args.crop:

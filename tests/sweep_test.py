@@ -37,7 +37,11 @@ def setup(tmp_path_factory, tiny_images, random_vgg19):
   common = [f"--content_image={tiny_images['content']}", "--max_size=48",
             "--num_res=1", "--num_iter=2", "--print_every=2",
             "--mrf_layers=relu3_1", "--content_layers=relu3_1",
-            f"--weights={path}"]
+            # XLA's own convolution: Winograd's matmuls (--conv=auto on
+            # CPU) block a batch of 2 otherwise than a batch of 1, which
+            # moves results by float rounding that the MRF's argmax can
+            # amplify; tests/conv_test.py checks the methods themselves.
+            "--conv=xla", f"--weights={path}"]
   return common, tiny_images
 
 
@@ -160,9 +164,7 @@ def test_batched_points_equal_unbatched_points(setup, split_sweep,
                       sweep.POINT_FILE).read_text())
     assert two["batch_size"] == 2 and one["batch_size"] == 1
     for key, value in one["final"].items():
-      # Float rounding: a batch of 2 and of 1 run the winograd
-      # convolutions of --conv=auto in other orders.
-      np.testing.assert_allclose(two["final"][key], value, rtol=1e-3)
+      np.testing.assert_allclose(two["final"][key], value, rtol=1e-4)
     losses.append(two["final"]["loss"])
   assert losses[0] != losses[1]
 

@@ -3,35 +3,42 @@
 CNNMRF on a large image fails late and badly: users of the reference report
 800x638 px needing ~18 GB and 960x1280 over 30 GB, and an out-of-memory kill
 takes the machine's other work with it. So before any weights are loaded or
-targets built, the plan of the run (plan.py) adds up `level_bytes` of every
-level and `fixed_bytes`, and `check_fits` refuses, naming --max_size, a run
-that cannot fit in the memory available. `--max_memory_gb` replaces the
+targets built, the plan of the run (plan.py) adds the largest `level_bytes`
+of its levels to `fixed_bytes`, and `check_fits` refuses, naming --max_size,
+a run that cannot fit in the memory available. `--max_memory_gb` replaces the
 available memory with a figure of the user's, `--nocheck_memory` skips the
 check.
 
-What is counted per level (float32, 4 bytes a value), from the plan's sizes:
+What is counted per level (float32, 4 bytes a value), from the plan's sizes,
+in its two phases, of which the larger is the level's figure: the targets'
+build (before the level's first iteration; the previous level's bank and
+L-BFGS history are dropped by then, synthesize.run) and the solve.
 
-  1. The VGG pass over the image being optimised, forward and backward:
-     every conv and pool map up to the deepest layer the objective reads,
-     twice (the forward maps kept for the backward pass, and the gradients
-     flowing back through them), per pair.
-  2. The style side: per MRF layer the patch bank [M, 9 C] (M the batch's
-     bank size), three times (the extracted pieces, their concatenation,
-     the copy stacked over the pairs), and every copy's feature map it is
-     built from; one copy's VGG forward pass; the content target map;
-     gatys: the Gram matrices.
-  3. Matching, per MRF layer: the synthesis patches and their matched
-     targets [P, 9 C] and one chunk of scores [chunk, P]; PatchMatch
-     (the plan's `matching`) instead the patches, one gathered candidate
-     and the matched targets, 3 [P, 9 C], and the field.
-  4. The optimiser: L-BFGS keeps 2 * history_size images (s and y) plus a
-     few working images (x, gradient, direction, new x, ...); Adam a few.
-  5. Semantic maps (the plan's num_labels L > 0): the level's content map
-     [H, W, L]; per MRF layer every copy's map at the layer [h, w, L], the
-     bank's map patches and labels [M, 9 L + 1] three times as the bank
-     itself, the synthesis grid's [P, 9 L + 1] (whole, tiled or not) and
-     one more score chunk [chunk, P] (the map part of the scores); tiled,
-     also a tile's gathered map patches.
+  1. Solve: the VGG pass over the image being optimised, forward and
+     backward: every conv and pool map up to the deepest layer the objective
+     reads, twice (the forward maps kept for the backward pass, and the
+     gradients flowing back through them), per pair.
+  2. Build: the style side: per MRF layer the patch bank [M, 9 C] (M the
+     batch's bank size) three times (the extracted pieces, their
+     concatenation, the copy stacked over the pairs) and every copy's
+     feature map it is built from; one copy's VGG forward pass. The solve
+     keeps the bank once. Both: the content target map; gatys: the Gram
+     matrices.
+  3. Solve: matching, per MRF layer: the synthesis patches and their
+     matched targets [P, 9 C] and one chunk of scores [chunk, P];
+     PatchMatch (the plan's `matching`) instead the patches, one gathered
+     candidate and the matched targets, 3 [P, 9 C], and the field.
+  4. Solve: the optimiser: L-BFGS keeps 2 * history_size images (s and y),
+     twice while an update runs (the state it reads and the one it
+     returns), plus a few working images (x, gradient, direction, new x,
+     ...); Adam a few.
+  5. Semantic maps (the plan's num_labels L > 0): both phases, the level's
+     content map [H, W, L]; build, per MRF layer every copy's map at the
+     layer [h, w, L] and the bank's map patches and labels [M, 9 L + 1]
+     three times as the bank itself (the solve once); solve, the synthesis
+     grid's [P, 9 L + 1] (whole, tiled or not) and one more score chunk
+     [chunk, P] (the map part of the scores); tiled, also a tile's gathered
+     map patches.
 
 and once: the decoded input images, the VGG weights (a host and a device
 copy) and the JAX/XLA runtime itself.
@@ -103,16 +110,33 @@ def _deepest(layers: Sequence[str], network: str) -> str:
 
 def level_bytes(config: config_lib.Config, level: Any,
                 num_pairs: int) -> int:
-  """Estimated bytes in use while solving one level (`plan.LevelPlan`) of
-  num_pairs pairs, besides `fixed_bytes` (see the module docstring)."""
+  """Estimated bytes in use while one level (`plan.LevelPlan`) of num_pairs
+  pairs runs, besides `fixed_bytes`: the larger of its two phases (see the
+  module docstring), the targets' build and the solve."""
   network = config.network
   layers = config.feature_layers()
   height, width = level.size
   tiling = getattr(level, "tiling", None)
-  per_pair = 0
+  num_labels = getattr(level, "num_labels", 0)
+  map_depth = config.patch_size ** 2 * num_labels  # Dm, 0 without maps
+  build = solve = 0  # values per pair
 
-  # 1. VGG forward and backward over the image being optimised (tiled: over
-  # one tile's crop, plus the padded image and its gradient).
+  # Both phases: the content target (and map), which lives from its build
+  # to the level's end.
+  kept = 0
+  if num_labels:  # 5. the level's content map
+    kept += height * width * num_labels
+  if config.mode in ("transfer", "gatys") and config.content_weight > 0:
+    for layer in level.layers:
+      if layer.name in config.content_layers:
+        kept += math.prod(layer.size) * layer.channels
+  if config.mode == "gatys":
+    kept += sum(vgg.channels_of(l, network) ** 2 for l in config.style_layers)
+  build += kept
+  solve += kept
+
+  # 1. Solve: the VGG forward and backward over the image being optimised
+  # (tiled: over one tile's crop, plus the padded image and its gradient).
   if tiling is None:
     total, _ = _vgg_maps(height, width, _deepest(layers, network), network)
   else:
@@ -121,29 +145,34 @@ def level_bytes(config: config_lib.Config, level: Any,
     rows, cols = tiling.grid
     total += 2 * 3 * ((rows * tiling.tile_size + 2 * tiling.halo) *
                       (cols * tiling.tile_size + 2 * tiling.halo))
-  per_pair += 2 * total
+  solve += 2 * total
 
-  # 2. Style side and content target. Copies of the pair with the most.
+  # 2. Build: the style side. Copies of the pair with the most.
   copies = max(level.copies, key=lambda c: sum(h * w for h, w in c))
   largest_copy = 0
   for h, w in copies:  # the style pass computes every layer the run reads
     _, largest = _vgg_maps(h, w, _deepest(layers, network), network)
     largest_copy = max(largest_copy, largest)
-  per_pair += 2 * largest_copy  # one copy's forward pass at a time
-  if config.mode == "gatys":
-    per_pair += sum(vgg.channels_of(l, network) ** 2
-                    for l in config.style_layers)
-  num_labels = getattr(level, "num_labels", 0)
-  map_depth = config.patch_size ** 2 * num_labels  # Dm, 0 without maps
-  if num_labels:  # 5. the level's content map
-    per_pair += height * width * num_labels
+  build += 2 * largest_copy  # one copy's forward pass at a time
   for mrf in level.mrf:
     channels = vgg.channels_of(mrf.layer, network)
     depth = config.patch_size ** 2 * channels
-    per_pair += sum(math.prod(vgg.map_size(h, w, mrf.layer, network)) *
+    bank = mrf.bank_size * (depth + 2)  # patches, inv_norms, valid
+    copy_maps = sum(math.prod(vgg.map_size(h, w, mrf.layer, network)) *
                     channels for h, w in copies)
-    per_pair += 3 * mrf.bank_size * (depth + 2)  # patches, inv_norms, valid
-    # 3. Matching: synthesis patches, matched targets, one score chunk.
+    # The build holds every copy's map and the bank three times (the
+    # extracted pieces, their concatenation, the copy stacked over the
+    # pairs); the solve keeps the bank once.
+    build += copy_maps + 3 * bank
+    solve += bank
+    if num_labels:
+      # 5. The map channels of the copies and the bank, as above.
+      build += sum(math.prod(vgg.map_size(h, w, mrf.layer, network)) *
+                   num_labels for h, w in copies)
+      build += 3 * mrf.bank_size * (map_depth + 1)
+      solve += mrf.bank_size * (map_depth + 1)
+    # 3. Solve: matching: synthesis patches, matched targets, one score
+    # chunk.
     chunk = min(mrf.bank_size,
                 config.chunk_size or patches.DEFAULT_CHUNK_SIZE)
     num_patches = mrf.num_patches
@@ -153,30 +182,25 @@ def level_bytes(config: config_lib.Config, level: Any,
       core = tiling.tile_size // vgg.downsampling_of(mrf.layer, network)
       side = core // config.synth_stride + 2
       num_patches = min(num_patches, side * side)
-      per_pair += 2 * mrf.bank_size  # the used-patch counts
+      solve += 2 * mrf.bank_size  # the used-patch counts
     if getattr(level, "matching", "") == patches.PATCHMATCH:
-      per_pair += 3 * num_patches * depth + 2 * num_patches
+      solve += 3 * num_patches * depth + 2 * num_patches
     else:
-      per_pair += 2 * num_patches * depth + 2 * chunk * num_patches
+      solve += 2 * num_patches * depth + 2 * chunk * num_patches
     if num_labels:
-      # 5. Map channels: copies' layer maps, the bank's map part, the
-      # synthesis grid's, the map scores; tiled, a tile's gathered rows.
-      per_pair += sum(math.prod(vgg.map_size(h, w, mrf.layer, network)) *
-                      num_labels for h, w in copies)
-      per_pair += 3 * mrf.bank_size * (map_depth + 1)
-      per_pair += mrf.num_patches * (map_depth + 1) + chunk * num_patches
+      # 5. The synthesis grid's map part, the map scores; tiled, a tile's
+      # gathered rows.
+      solve += mrf.num_patches * (map_depth + 1) + chunk * num_patches
       if tiling is not None:
-        per_pair += num_patches * (map_depth + 1)
-  if config.mode in ("transfer", "gatys") and config.content_weight > 0:
-    for layer in level.layers:
-      if layer.name in config.content_layers:
-        per_pair += math.prod(layer.size) * layer.channels
+        solve += num_patches * (map_depth + 1)
 
-  # 4. The optimiser.
-  history = (2 * config.history_size
+  # 4. Solve: the optimiser. The compiled update does not donate its input
+  # state, so the L-BFGS ring it reads and the one it writes (s and y,
+  # history_size images each) are both resident while it runs.
+  history = (2 * 2 * config.history_size
              if config.optimizer in ("lbfgs", "optax_lbfgs") else 0)
-  per_pair += (history + _WORKING_IMAGES) * height * width * 3
-  return _FLOAT * num_pairs * per_pair
+  solve += (history + _WORKING_IMAGES) * height * width * 3
+  return _FLOAT * num_pairs * max(build, solve)
 
 
 def fixed_bytes(config: config_lib.Config, input_pixels: int) -> int:

@@ -312,6 +312,9 @@ def _synthesize(synthesizer, inputs, run_plan, workdir, *, names):
       if level.index + 1 < len(run_plan.levels):  # the last ends in results
         writer.save_checkpoint(level.index, level.num_iter, x, state,
                                carry=carried)
+    # Drop this level's bank and L-BFGS history before the next level's
+    # targets are built beside them (memory.py counts one level at a time).
+    del targets, state
   rgb = synthesizer.rgb(x)[:num_pairs]
   if config.original_colors and config.mode in ("transfer", "gatys"):
     contents = np.stack([np.asarray(image_io.resize(

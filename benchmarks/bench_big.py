@@ -14,11 +14,17 @@ The big-images figures (README "Speed and memory"):
     # 4096 px long side, 3:2 content, the reference settings, 1 style copy
     python benchmarks/bench_big.py --crop 1024 -- \\
         --flagfile=configs/transfer.flags --content_image=example:chelsea \\
-        --style_image=example:coffee --max_size=4096 --num_iter=2
+        --style_image=example:coffee --max_size=4096 --num_iter=2 \\
+        --num_rotations=0 --num_scales=0
     # 2048 px, the whole reference run, PatchMatch where the scan dominates
     python benchmarks/bench_big.py -- --flagfile=configs/transfer.flags \\
         --content_image=example:astronaut --style_image=example:coffee \\
         --max_size=2048 --matching=auto
+    # iterations with and without huge pages (cnnmrf_jax/huge_pages.py)
+    python benchmarks/bench_big.py --compare_huge_pages 2 -- \\
+        --flagfile=configs/transfer.flags --content_image=example:astronaut \\
+        --style_image=example:coffee --max_size=1024 --matching=patchmatch \\
+        --num_iter=1,1,12 --print_every=1
 """
 
 import argparse
@@ -43,6 +49,13 @@ def _parse_args(argv):
                       help="also write a crop of this many pixels square "
                       "at full resolution and the whole result with this "
                       "long side (0: none)")
+  parser.add_argument("--compare_huge_pages", type=int, default=0,
+                      metavar="ROUNDS",
+                      help="instead: run the command ROUNDS times without "
+                      "and with huge pages (CNNMRF_HUGE_PAGES=0, then "
+                      "unset; cnnmrf_jax/huge_pages.py), alternating, and "
+                      "print the finest level's seconds per iteration of "
+                      "each")
   parser.add_argument("flags", nargs=argparse.REMAINDER,
                       help="-- then the flags of python -m cnnmrf_jax.main")
   args = parser.parse_args(argv)
@@ -63,11 +76,11 @@ def _workdir(args) -> pathlib.Path:
   return workdir
 
 
-def _run(flags):
+def _run(flags, env=None):
   """(wall seconds, peak RSS bytes, exit status) of the tool's run."""
   command = [sys.executable, "-m", "cnnmrf_jax.main"] + flags
   start = time.perf_counter()
-  child = subprocess.Popen(command, cwd=_ROOT)
+  child = subprocess.Popen(command, cwd=_ROOT, env=env)
   # wait4 gives the child's own rusage: its maxrss (KiB on Linux) is the
   # peak resident memory of the run, JAX runtime and compiles included.
   _, status, usage = os.wait4(child.pid, 0)
@@ -119,10 +132,39 @@ def _pictures(workdir: pathlib.Path, side: int):
   return written
 
 
+def _compare_huge_pages(args, workdir: pathlib.Path) -> None:
+  """Round-robin runs without and with huge pages, each in its own workdir
+  (WORKDIR-off-R, WORKDIR-on-R): the finest level's s/iter of each, their
+  medians and the ratio."""
+  flags = [f for f in args.flags if not f.startswith("--workdir=")]
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", "CNNMRF_HUGE_PAGES")}
+  seconds = {"off": [], "on": []}
+  for round_ in range(1, args.compare_huge_pages + 1):
+    for mode in ("off", "on"):
+      env = dict(base, CNNMRF_HUGE_PAGES="0") if mode == "off" else base
+      run_dir = workdir.parent / f"{workdir.name}-{mode}-{round_}"
+      wall, peak, code = _run(flags + [f"--workdir={run_dir}"], env=env)
+      if code != 0:
+        sys.exit(code)
+      finest = _levels(run_dir)[-1]["seconds_per_iter"]
+      seconds[mode].append(finest)
+      print(f"round {round_}, huge pages {mode}: finest level "
+            f"{finest:.2f} s / iteration; wall {wall:.1f} s; peak "
+            f"{peak / 2 ** 30:.2f} GiB", flush=True)
+  off, on = (statistics.median(seconds[m]) for m in ("off", "on"))
+  print(f"huge pages off: {off:.2f} s / iteration (median)")
+  print(f"huge pages on: {on:.2f} s / iteration (median)")
+  print(f"huge pages speed-up: {off / on:.2f}x")
+
+
 def main(argv=None):
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   workdir = _workdir(args)
   print("command:", shlex.join([sys.executable] + sys.argv), flush=True)
+  if args.compare_huge_pages:
+    _compare_huge_pages(args, workdir)
+    return
   wall, peak, code = _run(args.flags)
   print(f"exit status: {code}")
   print(f"wall time: {wall:.1f} s ({wall / 60:.1f} min)")

@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 
 from cnnmrf_jax import cli
+from cnnmrf_jax import huge_pages
 
 USAGE = """CNNMRF image synthesis (Li & Wand, CVPR 2016) and the Gatys baseline.
 
@@ -91,6 +92,7 @@ def main(argv):
 
 def run_main():
   """The console script and `python -m cnnmrf_jax.main`."""
+  huge_pages.reexec_with_huge_pages()
   app.run(main, flags_parser=lambda argv: cli.parse_argv(argv, USAGE))
 
 

@@ -92,6 +92,7 @@ import numpy as np
 from cnnmrf_jax import cli
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import fileio
+from cnnmrf_jax import huge_pages
 
 # Every synthesis flag is a sweep flag too.
 cli.define_flags()
@@ -729,6 +730,7 @@ usage: python -m cnnmrf_jax.sweep [POINT.flags | DIR | 'GLOB' ...] \\
 def run_main():
   """`python -m cnnmrf_jax.sweep`: flags parsed as main.py parses them
   (--help exits 0; a bad flag is one line, exit 2)."""
+  huge_pages.reexec_with_huge_pages()
   # The module absl filed this file's flags under (the script's path when
   # it runs as __main__), so that --help lists them.
   module = flags.FLAGS.find_module_defining_flag("grid")

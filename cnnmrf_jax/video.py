@@ -70,6 +70,7 @@ import numpy as np
 from cnnmrf_jax import cli
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import fileio
+from cnnmrf_jax import huge_pages
 
 USAGE = """Video style transfer with temporal consistency (Ruder et al. 2016)
 on CNNMRF.
@@ -693,6 +694,7 @@ def command(argv: Sequence[str]) -> None:
 
 def run_main():
   """`python -m cnnmrf_jax.video`."""
+  huge_pages.reexec_with_huge_pages()
   values = make_flag_values()
 
   def parse(argv):

@@ -377,4 +377,6 @@ def software_versions() -> Dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
       versions[package] = "not installed"
   versions["cnnmrf_jax"] = cnnmrf_jax.__version__
+  # glibc.malloc.hugetlb=1 when the CLI re-executed itself (huge_pages.py).
+  versions["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   return versions

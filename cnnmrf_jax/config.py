@@ -354,13 +354,7 @@ class Config:
       fail("style_layers", "--mode=gatys needs at least one style layer")
     self._validate_video(fail)
     from cnnmrf_jax import tiling  # pylint: disable=g-import-not-at-top
-    if tiling.parse_tile_size(self) and self.matching == patches.PATCHMATCH:
-      # A tile sees only the patches around its core: the field's
-      # propagation would stop at tile borders and its carry would need
-      # scattering back from every tile; tiles scan exactly instead.
-      fail("matching", "--matching=patchmatch does not run tiled; pass "
-           "--tile_size=0 (or auto), or an exact --matching with "
-           f"--tile_size={self.tile_size}")
+    tiling.parse_tile_size(self)  # ConfigError naming --tile_size
     if self.resume and self.overwrite:
       fail("resume", "continues a run and --overwrite would discard "
            "it. Give one of them")

@@ -128,7 +128,8 @@ def mrf_target_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
                     threshold: float = 0.0,
                     chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
                     compute_dtype=None,
-                    synth_map: Optional[patches_lib.SynthesisMap] = None):
+                    synth_map: Optional[patches_lib.SynthesisMap] = None,
+                    matches: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None):
   """`mrf_loss`'s matching and folding for a tile of the whole map.
 
   features [h, w, C] is a crop of the whole map; rows [R], cols [Cc] are
@@ -145,11 +146,14 @@ def mrf_target_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   scores [R * Cc], keep [R * Cc]); tbar is exact on the core only.
   """
   height, width, _ = features.shape
-  synth = patches_lib.extract_at(lax.stop_gradient(features), rows, cols,
-                                 patch_size=patch_size)
-  indices, scores = patches_lib.match(synth, bank, chunk_size=chunk_size,
-                                      compute_dtype=compute_dtype,
-                                      synth_map=synth_map)
+  if matches is None:
+    synth = patches_lib.extract_at(lax.stop_gradient(features), rows, cols,
+                                   patch_size=patch_size)
+    indices, scores = patches_lib.match(synth, bank, chunk_size=chunk_size,
+                                        compute_dtype=compute_dtype,
+                                        synth_map=synth_map)
+  else:
+    indices, scores = (lax.stop_gradient(m) for m in matches)
   keep = patch_mask & (scores >= threshold) & (scores > -jnp.inf)
   targets = jnp.take(bank.patches, indices, axis=0).astype(features.dtype)
   summed, count = patches_lib.fold_at(targets, rows, cols, height=height,
@@ -168,10 +172,12 @@ def mrf_loss_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
                   threshold: float = 0.0,
                   chunk_size: int = patches_lib.DEFAULT_CHUNK_SIZE,
                   compute_dtype=None,
-                  synth_map: Optional[patches_lib.SynthesisMap] = None
+                  synth_map: Optional[patches_lib.SynthesisMap] = None,
+                  matches: Optional[Tuple[jnp.ndarray, jnp.ndarray]] = None
                   ) -> Tuple[jnp.ndarray, Dict[str, jnp.ndarray]]:
   """The share of `mrf_loss` of one tile's core (see `mrf_target_tile`;
-  synth_map: the tile's patches' semantic map part, as there).
+  synth_map: the tile's patches' semantic map part, matches: their matches
+  made elsewhere, as there).
 
   core: (top, left, height, width) of the core in the crop's map (static).
   owned [R * Cc]: the patches whose corner lies in the core, so that each
@@ -188,7 +194,7 @@ def mrf_loss_tile(features: jnp.ndarray, bank: patches_lib.PatchBank, *,
   tbar, covered, indices, scores, keep = mrf_target_tile(
       features, bank, rows=rows, cols=cols, patch_mask=patch_mask,
       patch_size=patch_size, threshold=threshold, chunk_size=chunk_size,
-      compute_dtype=compute_dtype, synth_map=synth_map)
+      compute_dtype=compute_dtype, synth_map=synth_map, matches=matches)
   top, left, height, width = core
   window = (slice(top, top + height), slice(left, left + width))
   residual = jnp.where(covered[window], features[window] - tbar[window], 0)

@@ -27,7 +27,9 @@ L-BFGS history are dropped by then, synthesize.run) and the solve.
   3. Solve: matching, per MRF layer: the synthesis patches and their
      matched targets [P, 9 C] and one chunk of scores [chunk, P];
      PatchMatch (the plan's `matching`) instead the patches, one gathered
-     candidate and the matched targets, 3 [P, 9 C], and the field.
+     candidate and the matched targets, 3 [P, 9 C], and the field (tiled:
+     P a tile's patches, plus the whole grid's field and scores passed
+     from tile to tile).
   4. Solve: the optimiser: L-BFGS keeps 2 * history_size images (s and y),
      twice while an update runs (the state it reads and the one it
      returns), plus a few working images (x, gradient, direction, new x,
@@ -185,6 +187,10 @@ def level_bytes(config: config_lib.Config, level: Any,
       solve += 2 * mrf.bank_size  # the used-patch counts
     if getattr(level, "matching", "") == patches.PATCHMATCH:
       solve += 3 * num_patches * depth + 2 * num_patches
+      if tiling is not None:
+        # The whole grid's field and scores passed from tile to tile, and
+        # the carried field in and out.
+        solve += 4 * mrf.num_patches
     else:
       solve += 2 * num_patches * depth + 2 * chunk * num_patches
     if num_labels:

@@ -295,16 +295,15 @@ def scan_flops(config: config_lib.Config, mrf: Sequence[MrfPlan]) -> int:
              vgg.channels_of(m.layer, config.network) for m in mrf)
 
 
-def choose_matching(config: config_lib.Config, scan: int, vgg_: int,
-                    tiled: bool = False) -> str:
+def choose_matching(config: config_lib.Config, scan: int, vgg_: int) -> str:
   """The matching of a level whose exact scan costs `scan` flops and whose
   VGG costs `vgg_` (`scan_flops`, `vgg_flops`): --matching itself unless
   auto; auto: patchmatch where scan > AUTO_SCAN_RATIO * vgg_, else the
-  exact matmul scan. A tiled level always scans exactly (a tile sees only
-  the patches around its core)."""
+  exact matmul scan. Tiled or not: a tiled level carries the field over
+  the whole grid and each tile improves its own patches (terms.py)."""
   if config.matching != "auto":
     return config.matching
-  if not tiled and scan > AUTO_SCAN_RATIO * vgg_:
+  if scan > AUTO_SCAN_RATIO * vgg_:
     return patches.PATCHMATCH
   return EXACT_FOR_AUTO
 
@@ -312,32 +311,14 @@ def choose_matching(config: config_lib.Config, scan: int, vgg_: int,
 def _resolve_level(config: config_lib.Config, level: LevelPlan,
                    num_pairs: int, fixed: int,
                    limit_bytes: Optional[int]) -> LevelPlan:
-  """The level with its flops, matching, tiling and memory estimate.
-
-  A level that runs PatchMatch is never tiled (config.validate refuses
-  --matching=patchmatch with a --tile_size): its memory estimate is the
-  untiled one. auto with --tile_size=auto takes the exact scan, tiled,
-  instead where PatchMatch's untiled level would not fit in limit_bytes.
-  """
-  if not level.mrf:
-    return _tiled_level(config, level, num_pairs, fixed, limit_bytes)
-  level = dataclasses.replace(
-      level, scan_flops=scan_flops(config, level.mrf),
-      vgg_flops=vgg_flops(config, level.size))
-  tile_size = tiling_lib.parse_tile_size(config)
-  matching = choose_matching(config, level.scan_flops, level.vgg_flops,
-                             tiled=bool(tile_size))
-  if matching == patches.PATCHMATCH:
-    whole = dataclasses.replace(level, matching=matching)
-    whole = dataclasses.replace(whole, memory_bytes=memory.level_bytes(
-        config, whole, num_pairs))
-    fits = (not limit_bytes or tile_size is not None or
-            whole.memory_bytes + fixed <= limit_bytes)
-    if config.matching == patches.PATCHMATCH or fits:
-      return whole
-    matching = EXACT_FOR_AUTO
-  return _tiled_level(config, dataclasses.replace(level, matching=matching),
-                      num_pairs, fixed, limit_bytes)
+  """The level with its flops, matching, tiling and memory estimate."""
+  if level.mrf:
+    level = dataclasses.replace(
+        level, scan_flops=scan_flops(config, level.mrf),
+        vgg_flops=vgg_flops(config, level.size))
+    level = dataclasses.replace(level, matching=choose_matching(
+        config, level.scan_flops, level.vgg_flops))
+  return _tiled_level(config, level, num_pairs, fixed, limit_bytes)
 
 
 def _tiled_level(config: config_lib.Config, level: LevelPlan,

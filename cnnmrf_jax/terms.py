@@ -99,7 +99,12 @@ class Term:
     on the core); the values of all tiles sum to loss's values, and
     tile_stats(config, summed partial) -> stats. None: the term cannot be
     tiled (a term that reads no features never is: it runs on the whole
-    image).
+    image). A term whose targets hold a `CARRY` is tiled with a state
+    passed from tile to tile (`tiling.tiled_objective`'s with_state):
+    tile_state(config, carry) -> the first tile's state; tile_loss then
+    takes it as the keyword `state` and returns (values, partial, state);
+    tile_carry(config, carry, last tile's state) -> the next evaluation's
+    carry.
   """
   name: str
   active: Callable[[config_lib.Config], bool]
@@ -109,6 +114,8 @@ class Term:
   loss: Callable[..., Tuple[Scalars, Scalars]]
   tile_loss: Optional[Callable[..., Tuple[Scalars, Any]]] = None
   tile_stats: Optional[Callable[..., Scalars]] = None
+  tile_state: Optional[Callable[..., Any]] = None
+  tile_carry: Optional[Callable[..., Any]] = None
 
 
 _REGISTRY: Dict[str, Term] = {}
@@ -222,32 +229,38 @@ def make_objective(config: config_lib.Config, model: Any,
 
   feature_terms = [t for t in terms if t.layers(config)]
 
-  def tile_loss(piece, window, tile, params, targets):
+  def carried(targets):
+    """The feature-reading terms whose targets hold a `CARRY`."""
+    return [t for t in feature_terms if isinstance(targets[t.name], dict)
+            and CARRY in targets[t.name]]
+
+  def tile_loss(piece, window, tile, state, params, targets):
     features = float32(model.apply({"params": params}, piece[None],
                                    outputs=layers, window=window))
     features = {k: v[0] for k, v in features.items()}
-    values, partial = {}, {}
+    values, partial, next_state = {}, {}, {}
     for term in feature_terms:
-      values[term.name], partial[term.name] = term.tile_loss(
-          config, tile, features, targets[term.name],
-          targets["weights"][term.name])
-    return sum(jax.tree.leaves(values)), (values, partial)
+      args = (config, tile, features, targets[term.name],
+              targets["weights"][term.name])
+      if term.name in state:
+        (values[term.name], partial[term.name],
+         next_state[term.name]) = term.tile_loss(*args,
+                                                 state=state[term.name])
+      else:
+        values[term.name], partial[term.name] = term.tile_loss(*args)
+    return sum(jax.tree.leaves(values)), ((values, partial), next_state)
 
   def _tiled(x, params, targets, tiling):
-    carrying = [t.name for t in terms if isinstance(targets[t.name], dict)
-                and CARRY in targets[t.name]]
-    if carrying:
-      raise config_lib.ConfigError(
-          f"--tile_size: the term(s) {carrying} keep state between "
-          "evaluations (--matching=patchmatch) and do not run tiled; pass "
-          "--tile_size=0")
     untileable = untileable_terms(config)
     if untileable:
       raise config_lib.ConfigError(
           f"--tile_size: the term(s) {untileable} cannot be tiled; pass "
           "--tile_size=0")
-    total, (tiled_values, partial) = tiling_lib.tiled_objective(
-        tiling, tile_loss)(x, params, targets)
+    keeping = carried(targets)
+    state = {t.name: t.tile_state(config, targets[t.name][CARRY])
+             for t in keeping}
+    total, ((tiled_values, partial), state) = tiling_lib.tiled_objective(
+        tiling, tile_loss, with_state=True)(x, state, params, targets)
     values, stats = {}, {}
     for term in terms:  # registration order, as untiled
       if term.layers(config):
@@ -261,7 +274,9 @@ def make_objective(config: config_lib.Config, model: Any,
         total = total + sum(term_values.values())
       for key, value in term_values.items():
         values[f"{term.name}_{key}" if key else term.name] = value
-    return total, {"terms": values, "stats": stats, "carry": {}}
+    carry = {t.name: jax.lax.stop_gradient(t.tile_carry(
+        config, targets[t.name][CARRY], state[t.name])) for t in keeping}
+    return total, {"terms": values, "stats": stats, "carry": carry}
 
   return objective
 
@@ -386,14 +401,13 @@ def _field_targets(pair: PairLevel) -> Dict[str, Any]:
   level's (`PairLevel.carried`), upsampled
   (`patchmatch_lib.upsample_field`), or else uniformly at random from
   (--seed, level), as its PRNG key: the same for a pair alone or in a
-  batch. An untiled exact level followed by a PatchMatch level
-  (--matching=auto) carries its exact matches too, as the next level's
-  start.
+  batch. An exact level followed by a PatchMatch level (--matching=auto)
+  carries its exact matches too, as the next level's start.
   """
   config, level, plan = pair.config, pair.level, pair.plan
   later = [l for l in plan.levels if l.index == level.index + 1]
   patchmatch = level.matching == patches.PATCHMATCH
-  if not patchmatch and not (later and level.tiling is None and
+  if not patchmatch and not (later and
                              later[0].matching == patches.PATCHMATCH):
     return {}
   # Host-side draws (numpy): eager jax.random calls would compile a
@@ -547,19 +561,36 @@ def _mrf_loss(config, x, features, targets, weights):
       "passes": jnp.full_like(carry["passes"], config.patchmatch_passes)}
 
 
-def _mrf_tile_loss(config, tile, features, banks, weights):
+def _mrf_tile_loss(config, tile, features, banks, weights, state=None):
   """`_mrf_loss`'s share of one tile's core (losses.mrf_loss_tile).
 
   With semantic maps (banks['synthesis_maps'], {layer: SynthesisMap} of the
   whole grid, [P, Dm] rows in row-major grid order), each of the tile's
   grid patches is matched with the content map's patch at its own grid
   position, so the tiles' matches are the whole image's.
+
+  With a `CARRY` (PatchMatch, or an exact level handing its matches to a
+  PatchMatch level) state is `_mrf_tile_state`'s {'fields': {layer: [P]
+  int32}, 'scores': {layer: [P]}} over the whole grid: the tile improves
+  its patches' field by PatchMatch (or matches them exactly) and writes
+  back the patches it owns (corner in its core). A patch it does not own
+  has its corner above or left of the core, so its owner came earlier in
+  the tiles' row-major order and wrote its match this evaluation: the tile
+  folds that match, not its own, so every patch has one match wherever it
+  is folded and the field is the one the loss used. Returns (values,
+  partial, state) then.
   """
   synthesis_maps = banks.get("synthesis_maps") or {}
+  search = banks.get("patchmatch")
+  carry = banks.get(CARRY) if state is not None else None
   kwargs = chunk_kwargs(config)
   del kwargs["matching"]  # a tile's patches are extracted; matmul scores
   values, partial = {}, {}
-  for layer in config.mrf_layers:
+  if carry is not None:
+    # The same split as untiled, per tile a key of its own.
+    keys = patchmatch_lib.split_key(carry["key"], 1 + len(config.mrf_layers))
+    state = {"fields": dict(state["fields"]), "scores": dict(state["scores"])}
+  for i, layer in enumerate(config.mrf_layers):
     bank = banks[layer]
     view = tile.layer(layer, config.network)
     num_rows, num_cols = tile.tiling.grid
@@ -571,30 +602,78 @@ def _mrf_tile_loss(config, tile, features, banks, weights):
                                   for t in row_tables)
     cols, col_valid, col_owned = (jnp.asarray(t)[view.index[1]]
                                   for t in col_tables)
-    tile_map = None
-    if layer in synthesis_maps:
-      whole = synthesis_maps[layer]
+    owned = (row_owned[:, None] & col_owned[None, :]).reshape(-1)
+    tile_map, index = None, None
+    if layer in synthesis_maps or carry is not None:
       row_index, col_index = (jnp.asarray(tiling_lib.grid_index_tables(
           side, count, view.core, view.halo, config.patch_size,
           config.synth_stride))[i] for (side, count), i in zip(axes,
                                                                 view.index))
       grid_cols = len(patches.grid_positions(
           view.map_size[1], config.patch_size, config.synth_stride))
-      # [R * Cc] rows of the whole grid's [P, Dm] map patches, in the
+      # [R * Cc] rows of the whole grid's [P, ...] per-patch arrays, in the
       # row-major order extract_at gives the tile's patches.
       index = (row_index[:, None] * grid_cols + col_index[None, :]).reshape(-1)
+    if layer in synthesis_maps:
+      whole = synthesis_maps[layer]
       tile_map = patches.SynthesisMap(
           patches=jnp.take(whole.patches, index, axis=0),
           labels=jnp.take(whole.labels, index))
+    matches = None
+    if carry is not None:
+      synth = patches.extract_at(jax.lax.stop_gradient(features[layer]),
+                                 rows, cols, patch_size=config.patch_size)
+      field = state["fields"][layer]
+      if search is not None:
+        tile_number = view.index[0] * num_cols + view.index[1]
+        found = patchmatch_lib.patchmatch(
+            synth, bank, search[layer]["grid"], jnp.take(field, index),
+            patchmatch_lib.fold_key(keys[1 + i], tile_number),
+            synth_grid=(rows.shape[0], cols.shape[0]),
+            num_passes=carry["passes"], radii=search[layer]["radii"],
+            samples=PATCHMATCH_SAMPLES, num_random=PATCHMATCH_RANDOM,
+            num_hops=PATCHMATCH_HOPS, num_shared=PATCHMATCH_SHARED,
+            synth_stride=config.synth_stride,
+            style_stride=config.style_stride, synth_map=tile_map)
+      else:
+        found = patches.match(synth, bank, synth_map=tile_map, **kwargs)
+      # Owned patches take this tile's match; the others their owner's.
+      matches = (jnp.where(owned, found[0], jnp.take(field, index)),
+                 jnp.where(owned, found[1],
+                           jnp.take(state["scores"][layer], index)))
+      # Not owned (and the padding): an index past the end, dropped.
+      target = jnp.where(owned, index, field.shape[0])
+      state["fields"][layer] = field.at[target].set(found[0], mode="drop")
+      state["scores"][layer] = state["scores"][layer].at[target].set(
+          found[1], mode="drop")
     value, partial[layer] = losses.mrf_loss_tile(
         features[layer], bank, weight=weights[layer], rows=rows, cols=cols,
         patch_mask=(row_valid[:, None] & col_valid[None, :]).reshape(-1),
-        owned=(row_owned[:, None] & col_owned[None, :]).reshape(-1),
-        core=(view.halo, view.halo, view.core, view.core),
+        owned=owned, core=(view.halo, view.halo, view.core, view.core),
         patch_size=config.patch_size,
-        threshold=config.confidence_threshold, synth_map=tile_map, **kwargs)
+        threshold=config.confidence_threshold, synth_map=tile_map,
+        matches=matches, **kwargs)
     values[layer] = value
-  return values, partial
+  if carry is None:
+    return values, partial
+  return values, partial, state
+
+
+def _mrf_tile_state(config, carry):
+  """The first tile's state: the carried field and its patches' scores
+  (written by each patch's owner before any other tile reads them)."""
+  del config
+  return {"fields": carry["fields"],
+          "scores": {layer: jnp.zeros(field.shape, jnp.float32)
+                     for layer, field in carry["fields"].items()}}
+
+
+def _mrf_tile_carry(config, carry, state):
+  """The next evaluation's carry from the last tile's state, as
+  `_mrf_loss` makes it untiled."""
+  keys = patchmatch_lib.split_key(carry["key"], 1 + len(config.mrf_layers))
+  return {"fields": state["fields"], "key": keys[0],
+          "passes": jnp.full_like(carry["passes"], config.patchmatch_passes)}
 
 
 def _mrf_tile_stats(config, partial):
@@ -611,7 +690,8 @@ def _mrf_tile_stats(config, partial):
 MRF = register(Term(
     name=MRF_NAME, active=_mrf_active, layers=lambda c: c.mrf_layers,
     weights=_mrf_weights, build=_mrf_build, loss=_mrf_loss,
-    tile_loss=_mrf_tile_loss, tile_stats=_mrf_tile_stats))
+    tile_loss=_mrf_tile_loss, tile_stats=_mrf_tile_stats,
+    tile_state=_mrf_tile_state, tile_carry=_mrf_tile_carry))
 
 
 # ----------------------------------------------------------------------------

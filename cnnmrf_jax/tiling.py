@@ -31,6 +31,13 @@ cores, only one tile's VGG activations exist at a time. Per tile:
     around the core are matched by both neighbouring tiles (the price of
     exactness without a second pass); statistics count only the patches
     whose corner lies in the core.
+    With PatchMatch (--matching=patchmatch) the field is the whole grid's,
+    passed from tile to tile in row-major order: a tile improves its
+    patches' matches and writes back those it owns; the ring patches it
+    does not own lie above or left of its core, so their owners came
+    earlier and the tile folds their matches, not its own. Each patch then
+    has one match wherever it is folded, and the field carried to the next
+    evaluation is the one the loss used (terms.py `_mrf_tile_loss`).
   - content (Eq. 4): the core's squared error over the whole map's size.
   - terms that read no features (the smoothness prior, Eq. 5) run on the
     whole image, untiled: they cost a few image-sized arrays.
@@ -302,7 +309,8 @@ def core_inside(layer_tile: LayerTile) -> jnp.ndarray:
 # The tiled objective.
 
 
-def tiled_objective(tiling: Tiling, tile_loss: Callable[..., Any]):
+def tiled_objective(tiling: Tiling, tile_loss: Callable[..., Any],
+                    with_state: bool = False):
   """The sum over tiles of tile_loss, with its gradient, as one function.
 
   tile_loss(crop [c, c, 3], window (top, left, H, W), tile: Tile, *args)
@@ -312,11 +320,17 @@ def tiled_objective(tiling: Tiling, tile_loss: Callable[..., Any]):
   derivative with respect to x is the sum of the tiles' vector-Jacobian
   products (computed in the forward pass, one tile at a time). args are
   not differentiated (their cotangent is zero).
+
+  with_state: tile_loss(crop, window, tile, state, *args) -> (value, (aux,
+  state)) instead, and f(x, state, *args) -> (total, (aux, state)): a
+  pytree of whole-image state (PatchMatch's field, terms.py) passed from
+  each tile to the next in row-major order, so a tile reads what the tiles
+  above and to its left wrote this evaluation. Not differentiated.
   """
   crop, halo, tile_size = tiling.crop, tiling.halo, tiling.tile_size
   rows, cols = tiling.grid
 
-  def run(x, args, with_grad):
+  def run(x, state, args, with_grad):
     height, width, channels = x.shape
     # Padded so every crop is in bounds; what lies outside the image is
     # masked inside the VGG, so the padding's value does not matter.
@@ -332,50 +346,64 @@ def tiled_objective(tiling: Tiling, tile_loss: Callable[..., Any]):
                                          0), (crop, crop, channels))
       return tile, window, piece, (row * tile_size, col * tile_size)
 
-    def value_of(piece, window, tile):
-      return tile_loss(piece, window, tile, *args)
+    def value_of(piece, window, tile, state):
+      """(value, (aux, state)) whether or not tile_loss keeps state."""
+      if with_state:
+        return tile_loss(piece, window, tile, state, *args)
+      value, aux = tile_loss(piece, window, tile, *args)
+      return value, (aux, state)
 
     def first_value(index):
       tile, window, piece, _ = tile_of(index)
-      return value_of(piece, window, tile)
+      return value_of(piece, window, tile, state)
 
-    shapes = jax.eval_shape(first_value, jnp.int32(0))
-    sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # (value, aux) summed over tiles, from zeros of their shapes.
+    value_shape, (aux_shape, _) = jax.eval_shape(first_value, jnp.int32(0))
+    sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        (value_shape, aux_shape))
     grad = jnp.zeros_like(padded) if with_grad else None
 
     def body(carry, index):
-      grad, sums = carry
+      grad, sums, state = carry
       tile, window, piece, corner = tile_of(index)
       if with_grad:
-        out, piece_grad = jax.value_and_grad(
-            lambda p: value_of(p, window, tile), has_aux=True)(piece)
+        (value, (out, state)), piece_grad = jax.value_and_grad(
+            lambda p: value_of(p, window, tile, state), has_aux=True)(piece)
         start = (corner[0], corner[1], 0)
         grad = lax.dynamic_update_slice(
             grad, lax.dynamic_slice(grad, start, piece.shape) + piece_grad,
             start)
       else:
-        out = value_of(piece, window, tile)
-      return (grad, jax.tree.map(jnp.add, sums, out)), None
+        value, (out, state) = value_of(piece, window, tile, state)
+      sums = jax.tree.map(jnp.add, sums, (value, out))
+      return (grad, sums, state), None
 
-    (grad, sums), _ = lax.scan(body, (grad, sums),
-                               jnp.arange(rows * cols, dtype=jnp.int32))
+    (grad, (total, sums), state), _ = lax.scan(
+        body, (grad, sums, state), jnp.arange(rows * cols, dtype=jnp.int32))
     if with_grad:
       grad = grad[halo:halo + height, halo:halo + width]
-    return sums, grad
+    return (total, sums, state), grad
 
   @jax.custom_vjp
-  def objective(x, args):
-    (total, aux), _ = run(x, args, with_grad=False)
-    return total, aux
+  def objective(x, state, args):
+    (total, aux, state), _ = run(x, state, args, with_grad=False)
+    return total, (aux, state)
 
-  def forward(x, args):
-    (total, aux), grad = run(x, args, with_grad=True)
-    return (total, aux), grad
+  def forward(x, state, args):
+    (total, aux, state), grad = run(x, state, args, with_grad=True)
+    return (total, (aux, state)), grad
 
   def backward(grad, cotangents):
-    # aux holds sums for the log: not differentiated.
+    # aux holds sums for the log, state the tiles' carried state: neither
+    # is differentiated.
     total_cotangent, _ = cotangents
-    return (total_cotangent * grad, None)
+    return (total_cotangent * grad, None, None)
 
   objective.defvjp(forward, backward)
-  return lambda x, *args: objective(x, args)
+  if with_state:
+    return lambda x, state, *args: objective(x, state, args)
+
+  def stateless(x, *args):
+    total, (aux, _) = objective(x, (), args)
+    return total, aux
+  return stateless

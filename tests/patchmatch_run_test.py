@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cnnmrf_jax import config as config_lib
+from cnnmrf_jax import losses
 from cnnmrf_jax import patches
 from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import plan as plan_lib
@@ -26,6 +27,7 @@ from cnnmrf_jax import solve
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import targets as targets_lib
 from cnnmrf_jax import terms
+from cnnmrf_jax import tiling
 from cnnmrf_jax import workdir as workdir_lib
 
 
@@ -377,6 +379,119 @@ def test_an_upsampled_field_finds_the_finer_matches():
 
 
 # ----------------------------------------------------------------------------
+# PatchMatch under tiling (--tile_size): the field over the whole grid,
+# each tile improving the patches it owns.
+
+
+def _tiled(synthesizer, level, tile_size):
+  """The synthesizer's objective with the level cut in tile_size cores."""
+  tiles = tiling.make(synthesizer.config, level.size, tile_size)
+  assert tiles is not None and tiles.num_tiles > 1
+  return terms.make_objective(synthesizer.config, synthesizer.model,
+                              tiling_of=lambda size: tiles)
+
+
+def test_tiled_patchmatch_folds_the_field_it_returns(tiny_images,
+                                                     random_vgg19):
+  """Every patch has one match wherever it is folded (its owner's), so
+  the tiled MRF values are mrf_loss's with the returned field as matches,
+  and evaluations only improve the field's NCC, to near the exact one."""
+  config = _config(tiny_images, mrf_layers=("relu3_1", "relu2_1"),
+                   confidence_threshold=-1.0)
+  synthesizer, level, targets, x = _level(config, random_vgg19)
+  objective = jax.jit(_tiled(synthesizer, level, 16))
+  exact = _exact_fields(synthesizer, x, targets, config)
+  features = synthesizer._features(synthesizer.params, x[None])
+  previous = _field_ncc(synthesizer, x, targets,
+                        targets["mrf"][terms.CARRY]["fields"], config)
+  for _ in range(8):
+    _, aux = objective(x, synthesizer.params, targets)
+    fields = aux["carry"]["mrf"]["fields"]
+    ncc = _field_ncc(synthesizer, x, targets, fields, config)
+    for layer in config.mrf_layers:
+      assert np.all(ncc[layer] >= previous[layer] - 1e-5), layer
+      want, _ = losses.mrf_loss(
+          features[layer][0], targets["mrf"][layer],
+          weight=targets["weights"]["mrf"][layer],
+          stride=config.synth_stride, threshold=-1.0,
+          matches=(fields[layer], jnp.asarray(ncc[layer])))
+      np.testing.assert_allclose(aux["terms"][f"mrf_{layer}"], want,
+                                 rtol=1e-5)
+      np.testing.assert_allclose(aux["stats"][f"mean_ncc_{layer}"],
+                                 ncc[layer].mean(), rtol=1e-5)
+    targets = terms.with_carry(targets, aux["carry"])
+    previous = ncc
+  for layer, (_, scores) in exact.items():
+    assert previous[layer].mean() >= 0.99 * float(np.mean(scores)), layer
+
+
+def test_tiled_patchmatch_keeps_an_exact_field_and_its_objective(
+    tiny_images, random_vgg19):
+  """From the exact argmax, tiled PatchMatch keeps it, and its value and
+  gradient are the exact tiled (and whole) objective's."""
+  config = _config(tiny_images, mrf_layers=("relu3_1", "relu2_1"))
+  synthesizer, level, targets, x = _level(config, random_vgg19)
+  exact = _exact_fields(synthesizer, x, targets, config)
+  with_field = terms.with_carry(targets, {"mrf": dict(
+      targets["mrf"][terms.CARRY],
+      fields={l: m[0] for l, m in exact.items()})})
+  scan = dict(targets, mrf={k: v for k, v in targets["mrf"].items()
+                            if k not in (terms.CARRY, "patchmatch")})
+  tiled = _tiled(synthesizer, level, 16)
+  grad_of = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))
+  (value, aux), grad = grad_of(tiled)(x, synthesizer.params, with_field)
+  (want, _), want_grad = grad_of(synthesizer.objective)(
+      x, synthesizer.params, scan)
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=0,
+                             atol=1e-5 * float(jnp.abs(want_grad).max()))
+  for layer, (indices, _) in exact.items():
+    np.testing.assert_array_equal(aux["carry"]["mrf"]["fields"][layer],
+                                  indices)
+
+
+def test_a_tiled_patchmatch_run_falls_resumes_and_batches(
+    tiny_images, random_vgg19, tmp_path):
+  """Two levels tiled (the second from the first's field, upsampled):
+  the loss falls, the picture is not flat, a run killed mid-level resumes
+  to the same pixels, and a batch of two equals its pairs alone."""
+  params, convention = random_vgg19
+  config = _config(tiny_images, num_res=2, num_iter=(4,), print_every=2,
+                   tile_size="16", mrf_layers=("relu3_1", "relu2_1"))
+  run_plan = plan_lib.make(config, synthesize.load_inputs(config).sizes())
+  assert all(l.tiling is not None and l.matching == "patchmatch"
+             for l in run_plan.levels)
+  synthesizer = synthesize.Synthesizer(config, params, convention)
+  straight = synthesizer.run(synthesize.load_inputs(config),
+                             tmp_path / "straight")
+  for n in (0, 1):
+    losses_ = [r["loss"][0] for r in straight.history if r["level"] == n]
+    assert losses_[-1] < losses_[0], (n, losses_)
+  image = straight.images[0]
+  assert float(image.std()) > 0.02
+  assert float(np.abs(np.diff(image, axis=0)).mean()) > 1e-3
+
+  killed = synthesize.Synthesizer(
+      config_lib.replace(config, checkpoint_every=1), params, convention)
+  killed.update = _Interrupt(killed.update, 6)
+  with pytest.raises(solve.Interrupted):
+    killed.run(synthesize.load_inputs(config), tmp_path / "mid")
+  resumed = synthesize.Synthesizer(config_lib.replace(config, resume=True),
+                                   params, convention).run(
+      synthesize.load_inputs(config), tmp_path / "mid")
+  np.testing.assert_array_equal(resumed.images, straight.images)
+
+  pairs = [(tiny_images["content"], (tiny_images["style"],)),
+           (tiny_images["content"], (tiny_images["style2"],))]
+  together = synthesize.run(config, None, params=params,
+                            convention=convention, pairs=pairs)
+  np.testing.assert_allclose(together.images[0], straight.images[0],
+                             atol=1e-5)
+  alone = synthesizer.run(synthesize.load_inputs(config_lib.replace(
+      config, style_image=pairs[1][1])))
+  np.testing.assert_allclose(together.images[1], alone.images[0], atol=1e-5)
+
+
 # --matching=auto and the flags.
 
 
@@ -386,7 +501,6 @@ def test_auto_follows_the_plans_flops():
   assert plan_lib.choose_matching(config, 10, 100) == "matmul"
   assert plan_lib.choose_matching(config, 100, 100) == "matmul"
   assert plan_lib.choose_matching(config, 101, 100) == "patchmatch"
-  assert plan_lib.choose_matching(config, 101, 100, tiled=True) == "matmul"
   fixed = config_lib.replace(config, matching="conv")
   assert plan_lib.choose_matching(fixed, 10 ** 9, 1) == "conv"
 
@@ -418,27 +532,20 @@ def test_auto_follows_the_plans_flops():
                                                       (48, 512, 512)]
   assert small.levels[2].vgg_flops == 4 * 9 * sum(
       s * s * a * b for s, a, b in convs)
-  # PatchMatch levels are never tiled; where PatchMatch would not fit whole
-  # but tiles would, auto scans exactly, tiled.
+  # Where PatchMatch would not fit whole but tiles would, auto tiles it.
   tight = levels(1024, 1, tile_size="auto")
   limited = plan_lib.make(
       config_lib.replace(config, max_size=1024, tile_size="auto"),
       [plan_lib.InputSizes((1024, 1024), ((1024, 1024),))],
       limit_bytes=tight.levels[2].memory_bytes // 2)
   assert limited.levels[2].tiling is not None
-  assert limited.levels[2].matching == "matmul"
+  assert limited.levels[2].matching == "patchmatch"
+  assert limited.levels[2].memory_bytes < tight.levels[2].memory_bytes
 
 
-def test_patchmatch_with_a_tile_size_is_refused_in_one_line():
+def test_patchmatch_flags_are_checked():
   config = config_lib.Config(content_image="c.png", style_image=("s.png",),
                              matching="patchmatch", tile_size="64")
-  with pytest.raises(config_lib.ConfigError) as error:
-    config.validate()
-  message = str(error.value)
-  assert "\n" not in message
-  assert "--matching=patchmatch" in message and "--tile_size" in message
-  config_lib.replace(config, tile_size="0").validate()
-  config_lib.replace(config, tile_size="auto").validate()
-  config_lib.replace(config, matching="auto").validate()
+  config.validate()  # PatchMatch runs tiled
   with pytest.raises(config_lib.ConfigError, match="--patchmatch_passes"):
     config_lib.replace(config, tile_size="0", patchmatch_passes=0).validate()

@@ -79,6 +79,10 @@ def test_a_window_gives_the_whole_images_features(params, pooling):
     for layer in layers:
       b, a, s = vgg.receptive_field(layer)
       h, w = vgg.map_size(height, width, layer)
+      # Float rounding relative to the map's scale (the crop's convolutions
+      # may sum in another order; on some CPUs a 4e0 value differed by
+      # 2e-4 in a map reaching 2e2).
+      atol = 1e-6 * float(jnp.abs(whole[layer]).max())
       # Map positions whose field lies in the crop (or outside the image).
       for q in range(h):
         for r in range(w):
@@ -91,7 +95,7 @@ def test_a_window_gives_the_whole_images_features(params, pooling):
             continue
           np.testing.assert_allclose(
               got[layer][0, q - top // s, r - left // s],
-              whole[layer][0, q, r], rtol=1e-5, atol=1e-4,
+              whole[layer][0, q, r], rtol=1e-5, atol=max(atol, 1e-4),
               err_msg=f"{layer} {(q, r)} crop at {(top, left)}")
           checked += 1
   assert checked > 50
@@ -403,12 +407,15 @@ def _save_halves(path, size, vertical, colours=((255, 0, 0), (0, 0, 255))):
 @pytest.mark.parametrize("with_maps", [False, True])
 def test_a_tiled_run_gives_the_whole_runs_result(tiny_images, random_vgg19,
                                                  tmp_path, with_maps):
-  # One level, two iterations: later L-BFGS steps amplify float rounding
-  # (the two differ in summation order) past any useful tolerance.
+  # One level, two Adam iterations: L-BFGS's second step is scaled by
+  # y.s / y.y of a first step so small that y = g1 - g0 cancels, which
+  # amplifies the float rounding in which the two runs differ (summation
+  # order) to 4e-4 of the loss on some CPUs; Adam's steps are not.
   params, convention = random_vgg19
   base = dict(content_image=tiny_images["content"],
               style_image=(tiny_images["style"],), max_size=48, num_res=1,
-              num_iter=(2,), print_every=2,
+              num_iter=(2,), print_every=2, optimizer="adam",
+              learning_rate=2.0,
               # winograd's tile transforms round differently on a crop
               # than on the whole image; the tiling itself is the point.
               conv="xla")
@@ -421,6 +428,7 @@ def test_a_tiled_run_gives_the_whole_runs_result(tiny_images, random_vgg19,
   tiled = synthesize.run(config_lib.Config(tile_size="24", **base),
                          params=params, convention=convention)
   assert len(tiled.history) == 3
+  assert whole.history[-1]["loss"][0] < 0.99 * whole.history[0]["loss"][0]
   for a, b in zip(whole.history, tiled.history):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     assert b["num_matched_relu3_1"] == a["num_matched_relu3_1"]

@@ -149,12 +149,14 @@ def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
-               batched: Sequence[bool]) -> Callable[..., Any]:
+               batched: Sequence[bool],
+               donate_argnums: Sequence[int] = ()) -> Callable[..., Any]:
   """fn run by every device on its own slice of the batch (jitted).
 
   batched: per positional argument, True if its leaves carry the leading
   batch axis (sharded), False if replicated (the weights). Every output is
-  batched. Written with shard_map rather than left to the partitioner: the
+  batched. donate_argnums: arguments whose buffers the call may reuse
+  (jax.jit's). Written with shard_map rather than left to the partitioner: the
   pairs are independent, so this states that nothing crosses devices (the
   matching's gathers and scans are then never considered for resharding).
   check_vma is off because the matching's chunked loop (`patches.match`,
@@ -166,7 +168,8 @@ def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh,
                          jax.sharding.PartitionSpec())
   specs = tuple(sharded if b else replicated for b in batched)
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs,
-                               out_specs=sharded, check_vma=False))
+                               out_specs=sharded, check_vma=False),
+                 donate_argnums=tuple(donate_argnums))
 
 
 # ----------------------------------------------------------------------------

@@ -30,10 +30,10 @@ L-BFGS history are dropped by then, synthesize.run) and the solve.
      candidate and the matched targets, 3 [P, 9 C], and the field (tiled:
      P a tile's patches, plus the whole grid's field and scores passed
      from tile to tile).
-  4. Solve: the optimiser: L-BFGS keeps 2 * history_size images (s and y),
-     twice while an update runs (the state it reads and the one it
-     returns), plus a few working images (x, gradient, direction, new x,
-     ...); Adam a few.
+  4. Solve: the optimiser: L-BFGS keeps 2 * history_size images (s and y;
+     the update donates the state it reads, so they are written in place),
+     plus a few working images (x, gradient, direction, new x, ...); Adam a
+     few.
   5. Semantic maps (the plan's num_labels L > 0): both phases, the level's
      content map [H, W, L]; build, per MRF layer every copy's map at the
      layer [h, w, L] and the bank's map patches and labels [M, 9 L + 1]
@@ -200,10 +200,10 @@ def level_bytes(config: config_lib.Config, level: Any,
       if tiling is not None:
         solve += num_patches * (map_depth + 1)
 
-  # 4. Solve: the optimiser. The compiled update does not donate its input
-  # state, so the L-BFGS ring it reads and the one it writes (s and y,
-  # history_size images each) are both resident while it runs.
-  history = (2 * 2 * config.history_size
+  # 4. Solve: the optimiser. The compiled update donates its input state
+  # (synthesize.py), so the L-BFGS rings (s and y, history_size images
+  # each) are written in place: resident once.
+  history = (2 * config.history_size
              if config.optimizer in ("lbfgs", "optax_lbfgs") else 0)
   solve += (history + _WORKING_IMAGES) * height * width * 3
   return _FLOAT * num_pairs * max(build, solve)

@@ -12,7 +12,10 @@ into one) stops it with the position reached (`Interrupted`), so the caller
 can write a checkpoint that resumes exactly there.
 """
 
+import contextlib
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -50,11 +53,14 @@ def solve_level(stepper: Any, x: jnp.ndarray, targets: Dict[str, Any], *,
   round trip is added inside it.
   """
   history = []
-  pending = []  # (iteration, loss, aux, gradient finite), not yet fetched
+  # (iteration, loss, aux, gradient finite), not yet fetched: copies, as
+  # the update donates the state they are read from (`_logged`).
+  pending = []
+  logged = lambda state: _logged(stepper.value(state), stepper.aux(state),
+                                 state)
   if state is None:
     state = stepper.init(x, targets)
-    pending.append((0, stepper.value(state), stepper.aux(state),
-                    _all_finite(state)))
+    pending.append((0, *logged(state)))
   # The images since the last fetch (references, no copies), to fall back
   # on the last one whose loss and gradient were finite.
   images = {first_iter: x}
@@ -70,10 +76,13 @@ def solve_level(stepper: Any, x: jnp.ndarray, targets: Dict[str, Any], *,
   position = (first_iter, x, state)
   try:
     for it in range(first_iter + 1, num_iter + 1):
-      position = (it, *stepper.update(x, state, targets))
+      # The update invalidates the state it is given (donated): a Ctrl-C
+      # between its return and this assignment would lose both states, so
+      # signals wait until the new one is held.
+      with _signals_deferred():
+        position = (it, *stepper.update(x, state, targets))
       _, x, state = position
-      pending.append((it, stepper.value(state),
-                      stepper.aux(state), _all_finite(state)))
+      pending.append((it, *logged(state)))
       images[it] = x
       block_iters += 1
       if it == num_iter or any(it % n == 0 for n in block_ends):
@@ -109,8 +118,7 @@ def solve_level(stepper: Any, x: jnp.ndarray, targets: Dict[str, Any], *,
     done, x, state = position
     known = {r["iter"] for r in history} | {p[0] for p in pending}
     if done > first_iter and done not in known:  # its record was lost
-      pending.append((done, stepper.value(state),
-                      stepper.aux(state), True))
+      pending.append((done, *logged(state)))
     records = [_record(level, i, v, a, 0.0, num_pairs)
                for i, v, a, _ in jax.device_get(pending) if i <= done]
     raise Interrupted(level, done, x, state, history + records) from None
@@ -121,7 +129,37 @@ def solve_level(stepper: Any, x: jnp.ndarray, targets: Dict[str, Any], *,
 
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+  """SIGINT and SIGTERM received inside are delivered on leaving, to the
+  handlers they had (main.py turns SIGTERM into KeyboardInterrupt). Only
+  the main thread receives signals; elsewhere this does nothing."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = {}
+  for number in (signal.SIGINT, signal.SIGTERM):
+    previous[number] = signal.signal(
+        number, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    for number, handler in previous.items():
+      # None: a handler installed outside Python; the default stands in.
+      signal.signal(number, signal.SIG_DFL if handler is None else handler)
+    for number in received:
+      signal.raise_signal(number)
+
+
 @jax.jit
+def _logged(value, aux, state):
+  """(loss, aux, gradient finite) of one iteration, the first two copied
+  out of the state (the next update donates it)."""
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return copy(value), copy(aux), _all_finite(state)
+
+
 def _all_finite(state) -> jnp.ndarray:
   """[N]: whether each pair's gradient in the optimiser state is finite.
 

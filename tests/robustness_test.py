@@ -446,9 +446,9 @@ def test_memory_estimate_grows_with_what_it_counts():
   # copies at least (1024 / 1.05 / 1.15)^2 px.
   assert estimate(augmented, 1024) > large + 8 * 100 * 100 * 9 * 256 * 4
   shorter = config_lib.replace(config, history_size=5)
-  # 20 pairs (s, y) fewer, of 1024^2 RGB float32 images, counted twice: the
-  # update's input and output rings (no donation).
-  assert large - estimate(shorter, 1024) == 2 * 40 * 1024 * 1024 * 3 * 4
+  # 20 pairs (s, y) fewer, of 1024^2 RGB float32 images, counted once: the
+  # update donates the rings it reads.
+  assert large - estimate(shorter, 1024) == 40 * 1024 * 1024 * 3 * 4
   assert _estimate(config, 1024, 1024, (1024, 1024), num_pairs=2) > (
       1.9 * large)
 

@@ -61,6 +61,17 @@ def _exact_fields(synthesizer, x, targets, config):
           for layer in config.mrf_layers}
 
 
+def _exact_field_and_scan(targets, exact):
+  """(the targets with the exact matches as PatchMatch's field, the
+  targets of the exact scan: no field, no search)."""
+  with_field = terms.with_carry(targets, {"mrf": dict(
+      targets["mrf"][terms.CARRY],
+      fields={l: m[0] for l, m in exact.items()})})
+  scan = dict(targets, mrf={k: v for k, v in targets["mrf"].items()
+                            if k not in (terms.CARRY, "patchmatch")})
+  return with_field, scan
+
+
 def test_with_the_exact_argmax_as_field_the_objective_is_the_exact_one(
     tiny_images, random_vgg19):
   config = _config(tiny_images, mrf_layers=("relu3_1", "relu2_1"))
@@ -68,11 +79,7 @@ def test_with_the_exact_argmax_as_field_the_objective_is_the_exact_one(
   assert level.matching == "patchmatch"
   assert set(targets["mrf"]) >= {terms.CARRY, "patchmatch"}
   exact = _exact_fields(synthesizer, x, targets, config)
-  with_field = terms.with_carry(targets, {"mrf": dict(
-      targets["mrf"][terms.CARRY],
-      fields={l: m[0] for l, m in exact.items()})})
-  scan = dict(targets, mrf={k: v for k, v in targets["mrf"].items()
-                            if k not in (terms.CARRY, "patchmatch")})
+  with_field, scan = _exact_field_and_scan(targets, exact)
   grad_fn = jax.jit(jax.value_and_grad(synthesizer.objective, has_aux=True))
   (value, aux), grad = grad_fn(x, synthesizer.params, with_field)
   (want, want_aux), want_grad = grad_fn(x, synthesizer.params, scan)
@@ -432,11 +439,7 @@ def test_tiled_patchmatch_keeps_an_exact_field_and_its_objective(
   config = _config(tiny_images, mrf_layers=("relu3_1", "relu2_1"))
   synthesizer, level, targets, x = _level(config, random_vgg19)
   exact = _exact_fields(synthesizer, x, targets, config)
-  with_field = terms.with_carry(targets, {"mrf": dict(
-      targets["mrf"][terms.CARRY],
-      fields={l: m[0] for l, m in exact.items()})})
-  scan = dict(targets, mrf={k: v for k, v in targets["mrf"].items()
-                            if k not in (terms.CARRY, "patchmatch")})
+  with_field, scan = _exact_field_and_scan(targets, exact)
   tiled = _tiled(synthesizer, level, 16)
   grad_of = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))
   (value, aux), grad = grad_of(tiled)(x, synthesizer.params, with_field)
@@ -490,6 +493,22 @@ def test_a_tiled_patchmatch_run_falls_resumes_and_batches(
   alone = synthesizer.run(synthesize.load_inputs(config_lib.replace(
       config, style_image=pairs[1][1])))
   np.testing.assert_allclose(together.images[1], alone.images[0], atol=1e-5)
+
+
+def test_a_tiled_patchmatch_texture_falls_and_makes_a_picture(
+    tiny_images, random_vgg19):
+  config = _config(tiny_images, mode="texture", init="noise",
+                   content_image="", max_size=64, num_iter=(6,),
+                   print_every=6, tile_size="24")
+  run_plan = plan_lib.make(config, synthesize.load_inputs(config).sizes())
+  assert run_plan.levels[0].tiling.num_tiles > 1
+  result = synthesize.run(config, None, params=random_vgg19[0],
+                          convention=random_vgg19[1])
+  losses_ = [r["loss"][0] for r in result.history]
+  assert losses_[-1] < losses_[0], losses_
+  image = result.images[0]
+  assert float(image.std()) > 0.02
+  assert float(np.abs(np.diff(image, axis=1)).mean()) > 1e-3
 
 
 # --matching=auto and the flags.

@@ -83,7 +83,18 @@ def test_logged_values_survive_the_donated_states():
                              rtol=1e-5)
 
 
-def test_a_signal_during_an_update_stops_with_its_new_state():
+@pytest.fixture
+def ctrl_c_interrupts():
+  """SIGINT raises KeyboardInterrupt for the test (a process started in
+  the background inherits it ignored)."""
+  saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, saved)
+
+
+def test_a_signal_during_an_update_stops_with_its_new_state(
+    ctrl_c_interrupts):
+  del ctrl_c_interrupts
   def interrupt(calls):
     if calls == 3:  # Ctrl-C while the third update runs
       signal.raise_signal(signal.SIGINT)

@@ -1,10 +1,46 @@
-"""Shared pytest fixtures: tiny images on disk and random VGG weights."""
+"""Shared pytest fixtures: tiny images on disk and random VGG weights; and
+one persistent compilation cache for the whole test session."""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from cnnmrf_jax import compile_cache
 from cnnmrf_jax import vgg
+
+
+def _share_compiled_programs():
+  """Points JAX's persistent compilation cache at one directory for this
+  session, in this process and (by the environment) in the CLI processes
+  the tests start.
+
+  Most of the suite's time is XLA compiling (a 48 px run is ~70 % compile):
+  tests that run the same shapes again (a resumed run, a run repeated from
+  its flag file, a batch against its pairs) then load the executables
+  instead. Results are those of the same program either way. A fresh
+  directory each session unless CNNMRF_TEST_XLA_CACHE names one; "0" turns
+  it off.
+  """
+  directory = os.environ.get("CNNMRF_TEST_XLA_CACHE", "")
+  if directory == "0":
+    return
+  if not directory:
+    directory = tempfile.mkdtemp(prefix="cnnmrf-test-xla-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  directory = compile_cache.enable(directory)
+  # Kept for the CLI processes, and for a second import of this module
+  # (`import conftest` beside pytest's own).
+  os.environ["CNNMRF_TEST_XLA_CACHE"] = directory
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+_share_compiled_programs()
 
 
 def write_random_image(path, height, width, seed):

@@ -3,6 +3,7 @@ plus one run on the real VGG19 weights."""
 
 import json
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -15,9 +16,12 @@ from cnnmrf_jax import workdir as workdir_lib
 
 
 def tiny_config(images, **changes):
+  # The conv form is not the point of these tests (tests/conv_test.py
+  # tests each; the real-weights runs and goldens run auto's): 'xla'
+  # compiles 2-4x faster than auto's Winograd on CPU.
   base = config_lib.Config(
       content_image=images["content"], style_image=(images["style"],),
-      max_size=48, num_res=2, num_iter=(4,), print_every=2)
+      max_size=48, num_res=2, num_iter=(4,), print_every=2, conv="xla")
   return config_lib.replace(base, **changes)
 
 
@@ -150,11 +154,16 @@ def test_matching_dtype_and_compilation_cache_options(tiny_images,
   assert np.all(np.isfinite(half.images))
   assert np.abs(half.images - matmul.images).max() < 0.1
   cache = tmp_path / "cache"
+  session_cache = jax.config.jax_compilation_cache_dir  # conftest's
   try:
     run(config_lib.replace(config, compilation_cache=str(cache)))
     assert any(cache.iterdir())  # the compiled programs were kept
   finally:
-    compile_cache.disable()  # later tests must not write into tmp_path
+    # Later tests must not write into tmp_path.
+    if session_cache:
+      compile_cache.enable(session_cache)
+    else:
+      compile_cache.disable()
 
 
 def test_image_too_small_for_the_pyramid_names_the_flag(tiny_images,

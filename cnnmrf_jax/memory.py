@@ -43,7 +43,8 @@ L-BFGS history are dropped by then, synthesize.run) and the solve.
      map patches.
 
 and once: the decoded input images, the VGG weights (a host and a device
-copy) and the JAX/XLA runtime itself.
+copy) and the JAX/XLA runtime itself, with its compiled programs (more of
+them when layers run as Winograd).
 
 A tiled level (the plan's `tiling`, tiling.py) counts 1. for one tile's
 crop instead of the whole image, plus the padded image and its gradient
@@ -74,6 +75,14 @@ _FLOAT = 4  # bytes of a float32
 # Resident size of a Python process with JAX, XLA:CPU and the compiled
 # programs of a run besides the weights: ~0.5 GB measured at 24-64 px.
 RUNTIME_BYTES = 600 * 2 ** 20
+# More when a layer runs as Winograd (--conv=auto on CPU): its programs are
+# thousands of small fused loops (each transform stage per frequency), and
+# compiling and holding them took 0.61-0.72 GiB above the rest of the
+# estimate in runs of the reference settings at 128, 256 and 384 px (peak
+# 1.58 / 1.77 / 2.16 GiB), where --conv=xla's run at 128 px came within
+# 0.08 GiB of its estimate; not a size-dependent term: at 4096 px the
+# estimate without it was 0.27 GiB under the peak.
+WINOGRAD_PROGRAM_BYTES = 768 * 2 ** 20
 # Working images of the optimisers besides the L-BFGS history: x, the
 # gradient, the direction, the new x and its gradient, the value_and_grad
 # temporaries.
@@ -213,22 +222,22 @@ def fixed_bytes(config: config_lib.Config, input_pixels: int) -> int:
   """Bytes in use for the whole run: the decoded inputs (float32 RGB), the
   VGG weights (a host and a device copy, plus the kernel forms --conv
   prepares: winograd's 2 x 36 values per 3x3 kernel, matmul's 2 x 9) and
-  the runtime."""
+  the runtime with its compiled programs."""
   shapes = vgg.conv_shapes(config.network)
   weights = sum(math.prod(s) for layer in shapes.values()
                 for s in layer.values())
   names = vgg.layer_names(config.network)
   deepest = max((names.index(l) for l in config.feature_layers()),
                 default=len(names) - 1)
-  prepared = 0
+  prepared, winograd = 0, False
   for name in names[:deepest + 1]:
     if name in shapes:
       _, _, c_in, c_out = shapes[name]["kernel"]
-      per_kernel = {"winograd": 72, "matmul": 18}.get(
-          conv.layer_method(config.conv, c_in, c_out), 0)
-      prepared += per_kernel * c_in * c_out
+      method = conv.layer_method(config.conv, c_in, c_out)
+      prepared += {"winograd": 72, "matmul": 18}.get(method, 0) * c_in * c_out
+      winograd |= method == "winograd"
   return (_FLOAT * (2 * weights + prepared + 3 * input_pixels) +
-          RUNTIME_BYTES)
+          RUNTIME_BYTES + (WINOGRAD_PROGRAM_BYTES if winograd else 0))
 
 
 def available_bytes() -> Tuple[int, str]:

@@ -285,9 +285,14 @@ def _level_worker(spec):
         carry, passes=jnp.full_like(carry["passes"],
                                     config.patchmatch_passes))})
   probe = _Probe(spec["probe_size"])
+  # The round robin calls the update on one state again and again, which
+  # the run's update (it donates the state it reads) cannot: the same
+  # program without the donation.
+  kept_update = jax.jit(synth._update_impl).lower(
+      x, state, params, targets).compile()
   parts = {
       "probe": (probe.fn, probe.args),
-      "update": (update, (x, state, params, targets)),
+      "update": (kept_update, (x, state, params, targets)),
       "objective": (jax.jit(objective).lower(x, params, targets).compile(),
                     (x, params, targets)),
       "vgg": (jax.jit(jax.value_and_grad(vgg_only)).lower(

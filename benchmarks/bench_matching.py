@@ -1,9 +1,12 @@
-"""Speed and memory of NCC patch matching (`patches.match`) on this machine.
+"""Speed and memory of the exact NCC patch matching on this machine.
 
 For the relu3_1 and relu4_1 maps of a 256, 384 and 512 px image (sides /4
 and /8, 256 and 512 channels), with 1 and 9 style copies, and several chunk
 sizes: compile seconds, median seconds per match after compilation, the
-rate in GFLOP/s (2 * P * M * D multiply-adds) and peak resident memory.
+rate in GFLOP/s (2 * P * M * D multiply-adds of the direct form) and peak
+resident memory. --methods times several forms of the scan
+(`patches.match_map`'s matmul, conv, winograd) round-robin in one process
+and prints each one's speed-up over the first.
 
 Each configuration runs in its own subprocess, so peaks do not leak from one
 to the next. `inputs` is the resident memory once the bank and synthesis
@@ -17,6 +20,8 @@ same size (real augmented copies differ in size by a few percent).
     python benchmarks/bench_matching.py            # all, ~5-10 min on 2 cores
     python benchmarks/bench_matching.py --quick    # a small subset, ~1 min
     python benchmarks/bench_matching.py --sizes 384 --copies 9 --chunks 512
+    python benchmarks/bench_matching.py --sizes 384 512 --copies 1 9 \\
+        --chunks 512 --methods matmul winograd --repeats 5
 
 Figures go to stdout, one per line, and to --out as JSON. Timings on a
 shared CPU drift up to 2x within minutes: compare chunk sizes within a run.
@@ -76,31 +81,35 @@ def _worker(config):
   build = jax.jit(lambda maps: patches.build_bank(maps, patch_size=3,
                                                   stride=2))
   bank = build([jnp.asarray(relu_map()) for _ in range(config["copies"])])
-  synth = jax.jit(lambda f: patches.extract_patches(f, patch_size=3,
-                                                    stride=2))(
-                                                        jnp.asarray(
-                                                            relu_map()))
-  jax.block_until_ready((bank, synth))
-  num_p, d = synth.shape
-  m = bank.patches.shape[0]
+  features = jnp.asarray(relu_map())
+  jax.block_until_ready((bank, features))
+  num_p = patches.num_patches(side, side, 3, 2)
+  m, d = bank.patches.shape
 
   inputs_mib = _status_mib("VmRSS")
   reset = _reset_peak()
-  match = jax.jit(lambda p, b: patches.match(p, b,
-                                             chunk_size=config["chunk"]))
-  start = time.perf_counter()
-  compiled = match.lower(synth, bank).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(synth, bank))  # warm-up
-  times = []
-  for _ in range(config["repeats"]):
+  compiled, compile_s = {}, {}
+  for method in config["methods"]:
+    match = jax.jit(lambda f, b, method=method: patches.match_map(
+        f, b, stride=2, chunk_size=config["chunk"], method=method))
     start = time.perf_counter()
-    jax.block_until_ready(compiled(synth, bank))
-    times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
+    compiled[method] = match.lower(features, bank).compile()
+    compile_s[method] = time.perf_counter() - start
+    jax.block_until_ready(compiled[method](features, bank))  # warm-up
+  # Round-robin: the methods share the machine's drift.
+  times = {method: [] for method in config["methods"]}
+  for _ in range(config["repeats"]):
+    for method, program in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(program(features, bank))
+      times[method].append(time.perf_counter() - start)
+  seconds = {method: statistics.median(t) for method, t in times.items()}
+  first = config["methods"][0]
   return dict(config, map_side=side, channels=channels, P=num_p, M=m, D=d,
-              compile_s=compile_s, s_per_match=seconds, times_s=times,
-              gflops=2.0 * num_p * m * d / seconds / 1e9,
+              compile_s=compile_s[first], s_per_match=seconds[first],
+              times_s=times[first],
+              gflops=2.0 * num_p * m * d / seconds[first] / 1e9,
+              methods_s=seconds, methods_compile_s=compile_s,
               score_block_mib=min(config["chunk"], m) * num_p * 4 / 2**20,
               bank_mib=m * d * 4 / 2**20, inputs_rss_mib=inputs_mib,
               peak_rss_mib=_status_mib("VmHWM"),
@@ -113,7 +122,7 @@ def _configs(args):
       for copies in args.copies:
         for chunk in args.chunks:
           yield dict(layer=layer, size=size, copies=copies, chunk=chunk,
-                     repeats=args.repeats)
+                     repeats=args.repeats, methods=args.methods)
 
 
 def main(argv=None):
@@ -130,6 +139,10 @@ def main(argv=None):
   parser.add_argument("--chunks", nargs="+", type=int,
                       default=[256, 512, 1024, 2048])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--methods", nargs="+", default=["matmul"],
+                      choices=["matmul", "conv", "winograd"],
+                      help="forms of the exact scan, timed round-robin; "
+                      "speed-ups are over the first")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
@@ -159,10 +172,16 @@ def main(argv=None):
       continue
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     results.append(r)
-    print(f"{name}: {r['s_per_match']:.3f} s/match, {r['gflops']:.0f} "
+    print(f"{name}: {config['methods'][0]}: {r['s_per_match']:.3f} s/match, "
+          f"{r['gflops']:.0f} "
           f"GFLOP/s, compile {r['compile_s']:.2f} s, peak "
           f"{r['peak_rss_mib']:.0f} MiB (inputs {r['inputs_rss_mib']:.0f} "
           f"MiB; P={r['P']} M={r['M']} D={r['D']})", flush=True)
+    for method in config["methods"][1:]:
+      print(f"{name}: {method}: {r['methods_s'][method]:.3f} s/match, "
+            f"{r['s_per_match'] / r['methods_s'][method]:.2f}x "
+            f"{config['methods'][0]}'s speed, compile "
+            f"{r['methods_compile_s'][method]:.2f} s", flush=True)
 
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

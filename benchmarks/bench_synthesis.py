@@ -472,8 +472,8 @@ def main(argv=None):
                       help="long sides for the per-iteration figures")
   parser.add_argument("--copies", nargs="+", type=int, default=[1, 9],
                       choices=[1, 9, 25, 49], help="style copies")
-  parser.add_argument("--matching", nargs="+", default=["matmul"],
-                      choices=["matmul", "conv", "patchmatch"])
+  parser.add_argument("--matching", nargs="+", default=[patches.EXACT],
+                      choices=patches.MATCHING_CHOICES)
   parser.add_argument("--dtype", nargs="+", default=["float32"],
                       choices=["float32", "bfloat16"])
   parser.add_argument("--iterations", type=int, default=5,
@@ -540,7 +540,7 @@ def main(argv=None):
           print("\n".join(_print_level(r)), flush=True)
 
   if args.full_run:
-    spec = dict(base, size=args.full_size, copies=1, matching="matmul",
+    spec = dict(base, size=args.full_size, copies=1, matching=patches.EXACT,
                 dtype="float32", iters=iters(args.full_iters))
     r, error = _spawn("run", spec, env, args.timeout)
     if error:
@@ -551,7 +551,7 @@ def main(argv=None):
       print("\n".join(_print_run(r, "full run")), flush=True)
 
   for size in args.max_size:
-    spec = dict(base, size=size, copies=1, matching="matmul",
+    spec = dict(base, size=size, copies=1, matching=patches.EXACT,
                 dtype="float32", iters=iters(args.large_iters),
                 print_every=1)
     fits, estimate, available = _large_fits(spec, env)

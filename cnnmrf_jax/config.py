@@ -14,6 +14,7 @@ import math
 from typing import Any, Optional, Sequence, Tuple
 
 from cnnmrf_jax import conv as conv_lib
+from cnnmrf_jax import grid_winograd
 from cnnmrf_jax import patches
 from cnnmrf_jax import vgg
 
@@ -83,18 +84,23 @@ class Config:
       0, "Style patches scored per step of the matching scan (memory grows "
       "with it); 0 = default.")
   # How the matching runs: the exact scans compute the same nearest
-  # neighbours (a matmul of extracted patches, the faster on CPU, or a conv
-  # with the style patches as filters); patchmatch an approximate field
+  # neighbours (a matmul of extracted patches, a conv with the style
+  # patches as filters, or polyphase Winograd, grid_winograd; exact picks
+  # one per backend, patches.scan_method); patchmatch an approximate field
   # carried between evaluations (patchmatch_lib.patchmatch, Barnes et al. 2009);
   # auto lets the plan choose per level (plan.choose_matching).
   matching: str = _option(
-      "matmul", "How synthesis patches find their nearest style patch. "
-      "matmul (exact scan, the faster on CPU) and conv (exact scan with "
-      "the style patches as filters) give the same matches; patchmatch "
+      "exact", "How synthesis patches find their nearest style patch. "
+      "exact (the default: the exact scan in the form fastest for the "
+      "backend, winograd on CPU and matmul on GPU/TPU), matmul (exact "
+      "scan as one product of extracted patches), conv (exact scan with "
+      "the style patches as filters) and winograd (exact scan by "
+      "polyphase Winograd, fewer multiplications) give the same matches "
+      "up to float rounding; patchmatch "
       "keeps an approximate nearest-neighbour field that each evaluation "
       "improves by propagation and random search (cost per evaluation "
       "grows with synthesis patches times a fixed number of candidates, "
-      "not times the style patches); auto: the exact matmul scan where it "
+      "not times the style patches); auto: the exact scan where it "
       "is cheap, patchmatch at the levels where the plan says the scan "
       "would cost more than the VGG.", choices=patches.MATCHING_CHOICES)
   # One pass per evaluation: the field is carried over and the image moves
@@ -260,6 +266,13 @@ class Config:
     if self.matching not in patches.MATCHING_CHOICES:
       fail("matching", f"got {self.matching!r}; expected one of "
            f"{patches.MATCHING_CHOICES}")
+    if self.matching == "winograd" and not grid_winograd.supports(
+        self.patch_size, self.synth_stride):
+      fail("matching", f"winograd takes at most {grid_winograd.max_taps()}"
+           f" patch taps per stride phase; --patch_size={self.patch_size} "
+           f"at --synth_stride={self.synth_stride} has "
+           f"{-(-self.patch_size // self.synth_stride)}: use exact or "
+           "matmul")
     if self.dtype not in DTYPES:
       fail("dtype", f"got {self.dtype!r}; expected one of {DTYPES}")
     if self.output_mode not in OUTPUT_MODES:

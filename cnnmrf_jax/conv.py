@@ -241,7 +241,7 @@ def _winograd_matrices(m: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   return tuple(np.asarray(a, np.float64) for a in (bt, g, at))
 
 
-def _combine(coefficients: np.ndarray, terms):
+def combine(coefficients: np.ndarray, terms):
   """sum_j coefficients[i, j] * terms[j] for each row i, skipping zeros
   (the transforms are sparse small-integer matrices; written out as adds,
   XLA fuses each row into one elementwise loop)."""
@@ -266,9 +266,9 @@ def _winograd_kernel(kernel: jnp.ndarray, m: int) -> jnp.ndarray:
   becomes transposes around a tiny matmul on XLA:CPU, many times slower).
   """
   _, g, _ = _winograd_matrices(m)
-  rows = _combine(g, [kernel[i] for i in range(3)])        # a x [3, C, O]
+  rows = combine(g, [kernel[i] for i in range(3)])         # a x [3, C, O]
   return jnp.stack([f for r in rows
-                    for f in _combine(g, [r[j] for j in range(3)])])
+                    for f in combine(g, [r[j] for j in range(3)])])
 
 
 def _conv_winograd(x: jnp.ndarray, u: jnp.ndarray, m: int
@@ -295,11 +295,11 @@ def _conv_winograd(x: jnp.ndarray, u: jnp.ndarray, m: int
   # XLA:CPU fuses the first stage into each of the a x a consumers of the
   # second, and the transforms into the matmul's operand, both slower.
   row_freq = lax.optimization_barrier(
-      jnp.stack(_combine(bt, row_slices)))            # [a, N, Th, Wp, C]
+      jnp.stack(combine(bt, row_slices)))            # [a, N, Th, Wp, C]
   freq = []
   for i in range(a):
     col_slices = [row_freq[i, :, :, j:j + m * tiles_w:m] for j in range(a)]
-    freq += _combine(bt, col_slices)                  # a x [N, Th, Tw, C]
+    freq += combine(bt, col_slices)                  # a x [N, Th, Tw, C]
   v = lax.optimization_barrier(
       jnp.stack(freq).reshape(a * a, n * tiles_h * tiles_w, c))
   # One matmul per frequency, batched: [a a, P, C] x [a a, C, O].
@@ -309,8 +309,8 @@ def _conv_winograd(x: jnp.ndarray, u: jnp.ndarray, m: int
       prod.reshape(a, a, n, tiles_h, tiles_w, o))
   # A^T M A: rows first (over the first frequency axis), then columns.
   out_rows = lax.optimization_barrier(jnp.stack(
-      _combine(at, [prod[i] for i in range(a)])))      # [m, a, N, Th, Tw, O]
-  out = jnp.stack([jnp.stack(_combine(at, [r[j] for j in range(a)]))
+      combine(at, [prod[i] for i in range(a)])))      # [m, a, N, Th, Tw, O]
+  out = jnp.stack([jnp.stack(combine(at, [r[j] for j in range(a)]))
                    for r in out_rows])                 # [m, m, N, Th, Tw, O]
   out = jnp.transpose(out, (2, 3, 0, 4, 1, 5)).reshape(
       n, tiles_h * m, tiles_w * m, o)

@@ -25,11 +25,13 @@ L-BFGS history are dropped by then, synthesize.run) and the solve.
      keeps the bank once. Both: the content target map; gatys: the Gram
      matrices.
   3. Solve: matching, per MRF layer: the synthesis patches and their
-     matched targets [P, 9 C] and one chunk of scores [chunk, P];
-     PatchMatch (the plan's `matching`) instead the patches, one gathered
-     candidate and the matched targets, 3 [P, 9 C], and the field (tiled:
-     P a tile's patches, plus the whole grid's field and scores passed
-     from tile to tile).
+     matched targets [P, 9 C] and one chunk of scores [chunk, P]; the
+     winograd scan also its transformed map and one chunk's products
+     (grid_winograd.products_per_output values per patch, times C and
+     times the chunk); PatchMatch (the plan's `matching`) instead the
+     patches, one gathered candidate and the matched targets, 3 [P, 9 C],
+     and the field (tiled: P a tile's patches, plus the whole grid's field
+     and scores passed from tile to tile).
   4. Solve: the optimiser: L-BFGS keeps 2 * history_size images (s and y;
      the update donates the state it reads, so they are written in place),
      plus a few working images (x, gradient, direction, new x, ...); Adam a
@@ -67,6 +69,7 @@ import jax
 
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import conv
+from cnnmrf_jax import grid_winograd
 from cnnmrf_jax import patches
 from cnnmrf_jax import vgg
 
@@ -202,6 +205,17 @@ def level_bytes(config: config_lib.Config, level: Any,
         solve += 4 * mrf.num_patches
     else:
       solve += 2 * num_patches * depth + 2 * chunk * num_patches
+      if patches.scan_method(
+          getattr(level, "matching", "") or config.matching,
+          patch_size=config.patch_size,
+          stride=config.synth_stride) == "winograd":
+        # grid_winograd: the transformed map [points, rows, C] and one
+        # chunk's products [points, rows, chunk], each
+        # products_per_output(...) values per grid patch.
+        expansion = grid_winograd.products_per_output(config.patch_size,
+                                                      config.synth_stride)
+        solve += int(expansion * num_patches *
+                     (chunk + depth // config.patch_size ** 2))
     if num_labels:
       # 5. The synthesis grid's map part, the map scores; tiled, a tile's
       # gathered rows.

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from cnnmrf_jax import grid_winograd
+
 # benchmarks/bench_matching.py on a 2-core CPU: chunks of 256 to 1024 were
 # within noise (+-10 %) of each other for relu3_1 / relu4_1 at 256-512 px
 # with 1 and 9 copies; 2048 and 4096 were up to 1.2-1.5x slower. 512 keeps
@@ -456,24 +458,34 @@ def _check_bank(patches, bank: PatchBank) -> None:
     raise ValueError("the patch bank is empty")
 
 
-def _normalise_scores(dots, inv_norms, valid):
-  """[c, P] dots of c bank patches -> <p, t> / |t| (|p| is applied later).
+def _along(vector, axis: int):
+  """A bank-axis vector [c] shaped to broadcast along `axis` of [c, P]
+  (axis 0) or [P, c] (axis 1) scores."""
+  return vector[:, None] if axis == 0 else vector[None, :]
+
+
+def _normalise_scores(dots, inv_norms, valid, axis: int = 0):
+  """[c, P] (axis 0; [P, c] with axis 1) dots of c bank patches ->
+  <p, t> / |t| (|p| is applied later).
 
   Invalid (all-zero) bank rows score -inf so they never win.
   """
-  return jnp.where(valid[:, None], dots * inv_norms[:, None], -jnp.inf)
+  return jnp.where(_along(valid, axis), dots * _along(inv_norms, axis),
+                   -jnp.inf)
 
 
-def _block_best(scores):
-  """Max over the block axis and its lowest index: ([P], [P] int32).
+def _block_best(scores, axis: int = 0):
+  """Max over the block axis (0 of [c, P], 1 of [P, c]) and its lowest
+  index: ([P], [P] int32).
 
   max then min-index-of-equals vectorises on XLA:CPU, where the variadic
   reduce behind jnp.argmax does not (~10-20 % of the whole match).
   """
-  best = jnp.max(scores, axis=0)
-  iota = lax.broadcasted_iota(jnp.int32, scores.shape, 0)
-  first = jnp.min(jnp.where(scores == best[None, :], iota, scores.shape[0]),
-                  axis=0)
+  best = jnp.max(scores, axis=axis, keepdims=True)
+  iota = lax.broadcasted_iota(jnp.int32, scores.shape, axis)
+  first = jnp.min(jnp.where(scores == best, iota, scores.shape[axis]),
+                  axis=axis)
+  best = jnp.squeeze(best, axis)
   # A column of all -inf (only invalid rows) equals its max everywhere; any
   # index is fine there since -inf never beats the running best.
   return best, first.astype(jnp.int32)
@@ -493,23 +505,27 @@ def _check_compute_dtype(compute_dtype) -> None:
 
 
 def _semantic_scores(dots, inv_norms, valid, synth_inv_norms, map_block,
-                     synth_map):
-  """[c, P] combined scores of c bank patches: the feature NCC
-  <p, t> / (|p| |t|) plus the map part <m, n> (n unit, m unit times
-  sqrt(w): `SynthesisMap`). Invalid bank rows score -inf."""
-  map_dots = lax.dot_general(map_block.astype(dots.dtype),
-                             synth_map.astype(dots.dtype),
+                     synth_map, axis: int = 0):
+  """[c, P] (axis 0; [P, c] with axis 1) combined scores of c bank
+  patches: the feature NCC <p, t> / (|p| |t|) plus the map part <m, n>
+  (n unit, m unit times sqrt(w): `SynthesisMap`). Invalid bank rows score
+  -inf."""
+  operands = (map_block.astype(dots.dtype), synth_map.astype(dots.dtype))
+  map_dots = lax.dot_general(*(operands if axis == 0 else operands[::-1]),
                              (((1,), (1,)), ((), ())),
                              preferred_element_type=dots.dtype)
-  return jnp.where(valid[:, None], dots * inv_norms[:, None] *
-                   synth_inv_norms[None, :] + map_dots, -jnp.inf)
+  return jnp.where(_along(valid, axis),
+                   dots * _along(inv_norms, axis) *
+                   _along(synth_inv_norms, 1 - axis) + map_dots, -jnp.inf)
 
 
 def _scan_bank(dots_of, bank: PatchBank, num_p: int, chunk_size: int,
-               dtype, semantic=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+               dtype, semantic=None, axis: int = 0
+               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Running max and argmax of <p, t_j> / |t_j| over chunks of the bank.
 
-  dots_of(block [c, D], start) -> [c, P] raw dot products in `dtype`.
+  dots_of(block [c, D], start) -> [c, P] raw dot products in `dtype`
+  ([P, c] with axis=1: the bank along the minor axis).
   Memory grows with chunk_size * P, not M * P. The last partial chunk is
   scored outside the loop instead of padding the bank (padding to a round
   size costs as much as the extra rows). Returns ([P] best, [P] int32
@@ -528,13 +544,13 @@ def _scan_bank(dots_of, bank: PatchBank, num_p: int, chunk_size: int,
     valid = lax.dynamic_slice_in_dim(bank.valid, start, size, 0)
     if semantic is None:
       scores = _normalise_scores(dots_of(block, start), inv.astype(dtype),
-                                 valid)
+                                 valid, axis)
     else:
       map_block = lax.dynamic_slice_in_dim(bank.map_patches, start, size, 0)
       scores = _semantic_scores(dots_of(block, start), inv.astype(dtype),
                                 valid, semantic[0].astype(dtype), map_block,
-                                semantic[1])
-    score, index = _block_best(scores)
+                                semantic[1], axis)
+    score, index = _block_best(scores, axis)
     # Strictly greater: an earlier chunk keeps its tie.
     better = score > best
     return (jnp.where(better, score, best),
@@ -654,7 +670,7 @@ def match(patches: jnp.ndarray, bank: PatchBank, *,
   return _finish(best, best_index, jnp.sum(jnp.square(patches), axis=1))
 
 
-MATCHINGS = ("matmul", "conv")
+MATCHINGS = ("matmul", "conv", "winograd")
 
 
 def _grid_conv(features, filters, patch_size, stride, dtype):
@@ -704,12 +720,15 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
     conv: the chunk's patches as k x k filters over the map at the grid
       positions only, no [P, D] copy of the map; cuDNN-style convolutions
       may win on accelerators.
-  Both give the same indices up to rounding of near-ties.
+    winograd: the regular grid's dots by polyphase Winograd
+      (grid_winograd: 0.69 of the flops at stride 2, patch 3), the tail
+      row and column as matmul; the scores come [P, c], reduced along c.
+  All give the same indices up to rounding of near-ties.
 
   Args:
     features: [H, W, C] synthesis features.
     bank: PatchBank of [M, k*k*C] patches.
-    method: 'matmul' or 'conv'.
+    method: 'matmul', 'conv' or 'winograd'.
     compute_dtype: see `match`.
     synth_map: see `match`: a `SynthesisMap` on this grid, or None.
 
@@ -734,11 +753,15 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
   features = features.astype(dtype)
   operand = features.astype(compute_dtype or dtype)
 
-  def dots_of(block, start):
-    del start
-    filters = block.astype(operand.dtype).reshape(
-        -1, patch_size, patch_size, channels).transpose(1, 2, 3, 0)
-    return _grid_conv(operand, filters, patch_size, stride, dtype).T
+  if method == "winograd":
+    dots_of, axis = _winograd_dots(operand, patch_size, stride, dtype), 1
+  else:
+    def dots_of(block, start):
+      del start
+      filters = block.astype(operand.dtype).reshape(
+          -1, patch_size, patch_size, channels).transpose(1, 2, 3, 0)
+      return _grid_conv(operand, filters, patch_size, stride, dtype).T
+    axis = 0
 
   # |p|^2 of each grid patch from the channel sums of squares, a [H, W, 1]
   # map: the patches themselves are never extracted.
@@ -747,12 +770,58 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
                                      stride=stride), axis=1)
   if synth_map is not None:
     best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype,
-                                  (_inv_norms(sq_norms), synth_map.patches))
+                                  (_inv_norms(sq_norms), synth_map.patches),
+                                  axis)
     # The chosen patches' feature NCC needs the synthesis patches once.
     return _finish_semantic(best, best_index, extract_patches(
         features, patch_size=patch_size, stride=stride), bank)
-  best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype)
+  best, best_index = _scan_bank(dots_of, bank, num_p, chunk_size, dtype,
+                                axis=axis)
   return _finish(best, best_index, sq_norms)
+
+
+def _winograd_dots(operand, patch_size, stride, dtype):
+  """dots_of for match_map's winograd form: block [c, D] -> [P, c].
+
+  The regular grid by grid_winograd (the map transformed once, here, not
+  per chunk); the tail column and row (grid_positions) as plain products
+  with their [n, D] patches, taken once.
+  """
+  height, width, channels = operand.shape
+  transformed = grid_winograd.transform_map(operand, patch_size=patch_size,
+                                            stride=stride)
+  regular_rows = (height - patch_size) // stride + 1
+  col_tail = len(grid_positions(width, patch_size, stride)) > (
+      (width - patch_size) // stride + 1)
+  row_tail = len(grid_positions(height, patch_size, stride)) > regular_rows
+  # [regular rows, D]: the last column's patches; [all columns, D]: the
+  # last row's (its corner included).
+  col_patches = (extract_patches(operand[:, width - patch_size:],
+                                 patch_size=patch_size, stride=stride)
+                 [:regular_rows] if col_tail else None)
+  row_patches = (extract_patches(operand[height - patch_size:],
+                                 patch_size=patch_size, stride=stride)
+                 if row_tail else None)
+
+  def tail_dots(tail, block):
+    return lax.dot_general(tail, block, (((1,), (1,)), ((), ())),
+                           preferred_element_type=dtype)
+
+  def dots_of(block, start):
+    del start
+    block = block.astype(operand.dtype)
+    dots = grid_winograd.grid_dots(
+        transformed, block.reshape(-1, patch_size, patch_size, channels),
+        height=height, width=width, stride=stride, dtype=dtype)
+    if col_tail:                                      # [R, Cc + 1, c]
+      dots = jnp.concatenate(
+          [dots, tail_dots(col_patches, block)[:, None]], axis=1)
+    if row_tail:                                      # [R + 1, Cc', c]
+      dots = jnp.concatenate(
+          [dots, tail_dots(row_patches, block)[None]], axis=0)
+    return dots.reshape(-1, block.shape[0])
+
+  return dots_of
 
 
 # ----------------------------------------------------------------------------
@@ -761,6 +830,27 @@ def match_map(features: jnp.ndarray, bank: PatchBank, *, patch_size: int = 3,
 # The approximate matching, beside the exact scans of MATCHINGS: a
 # nearest-neighbour field carried from one evaluation to the next.
 PATCHMATCH = "patchmatch"
-# Every --matching: the exact scans, patchmatch, and auto (the plan picks an
-# exact scan or patchmatch per level, plan.choose_matching).
-MATCHING_CHOICES = MATCHINGS + (PATCHMATCH, "auto")
+# The default --matching: the exact scan in the form `scan_method` picks.
+EXACT = "exact"
+# Every --matching: the exact scans, exact, patchmatch, and auto (the plan
+# picks an exact scan or patchmatch per level, plan.choose_matching).
+MATCHING_CHOICES = MATCHINGS + (EXACT, PATCHMATCH, "auto")
+
+
+def scan_method(matching: str, *, patch_size: int, stride: int,
+                backend: Optional[str] = None) -> str:
+  """The form of match_map an exact scan runs for --matching: the one it
+  names, or (exact, auto's exact levels, patchmatch's scans) winograd on
+  CPU where the grid allows it (grid_winograd.supports), matmul otherwise.
+
+  On a 2-core AVX2 CPU winograd's scan ran 1.2-1.4x faster than matmul's
+  at 384 px (benchmarks/bench_synthesis.py --matching matmul winograd);
+  on accelerators the single large matmul is what their libraries run
+  best, and winograd's many small batched products are not measured there.
+  """
+  if matching in MATCHINGS:
+    return matching
+  backend = backend or jax.default_backend()
+  if backend == "cpu" and grid_winograd.supports(patch_size, stride):
+    return "winograd"
+  return "matmul"

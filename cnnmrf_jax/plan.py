@@ -263,7 +263,7 @@ def _bank_size(config: config_lib.Config, copies: Sequence[Size],
 # with the square, so the ratio reaches 1 near 1024 px with one copy and
 # near 384 px with nine (README, Speed and memory).
 AUTO_SCAN_RATIO = 1.0
-EXACT_FOR_AUTO = "matmul"  # the exact scan auto uses (the faster on CPU)
+EXACT_FOR_AUTO = patches.EXACT  # auto's exact levels: patches.scan_method
 
 
 def vgg_flops(config: config_lib.Config, size: Size) -> int:

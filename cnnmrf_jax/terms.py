@@ -489,11 +489,12 @@ PATCHMATCH_START_PASSES = 8
 
 def chunk_kwargs(config) -> Dict[str, Any]:
   """How the exact matching runs (patches.match_map), products in
-  --dtype; --matching=patchmatch and auto scan with matmul where they
-  scan."""
+  --dtype; exact, patchmatch and auto scan in patches.scan_method's form
+  where they scan."""
   kwargs = {"chunk_size": config.chunk_size} if config.chunk_size else {}
-  kwargs.update(matching=config.matching if config.matching in
-                patches.MATCHINGS else "matmul",
+  kwargs.update(matching=patches.scan_method(
+                    config.matching, patch_size=config.patch_size,
+                    stride=config.synth_stride),
                 compute_dtype=None if config.dtype == "float32"
                 else config.dtype)
   return kwargs

@@ -164,10 +164,10 @@ def test_auto_runs_exact_where_the_scan_is_cheap(tiny_images, random_vgg19):
   config = _config(tiny_images, matching="auto", num_iter=(2,),
                    print_every=2)
   run_plan = plan_lib.make(config, synthesize.load_inputs(config).sizes())
-  assert [l.matching for l in run_plan.levels] == ["matmul"]
+  assert [l.matching for l in run_plan.levels] == ["exact"]
   auto = synthesize.run(config, None, params=random_vgg19[0],
                         convention=random_vgg19[1])
-  exact = synthesize.run(config_lib.replace(config, matching="matmul"), None,
+  exact = synthesize.run(config_lib.replace(config, matching="exact"), None,
                          params=random_vgg19[0], convention=random_vgg19[1])
   np.testing.assert_array_equal(auto.images, exact.images)
 
@@ -184,7 +184,7 @@ def test_auto_switches_to_patchmatch_from_the_exact_level_below(
             for l in plan_lib.make(config, inputs.sizes()).levels]
   monkeypatch.setattr(plan_lib, "AUTO_SCAN_RATIO", sum(ratios) / 2)
   run_plan = plan_lib.make(config, inputs.sizes())
-  assert [l.matching for l in run_plan.levels] == ["matmul", "patchmatch"]
+  assert [l.matching for l in run_plan.levels] == ["exact", "patchmatch"]
   assert "matching patchmatch" in run_plan.table()
   synthesizer = synthesize.Synthesizer(config, *random_vgg19)
   built = []
@@ -517,8 +517,8 @@ def test_a_tiled_patchmatch_texture_falls_and_makes_a_picture(
 def test_auto_follows_the_plans_flops():
   config = config_lib.Config(content_image="c.png", style_image=("s.png",),
                              matching="auto", tile_size="0")
-  assert plan_lib.choose_matching(config, 10, 100) == "matmul"
-  assert plan_lib.choose_matching(config, 100, 100) == "matmul"
+  assert plan_lib.choose_matching(config, 10, 100) == "exact"
+  assert plan_lib.choose_matching(config, 100, 100) == "exact"
   assert plan_lib.choose_matching(config, 101, 100) == "patchmatch"
   fixed = config_lib.replace(config, matching="conv")
   assert plan_lib.choose_matching(fixed, 10 ** 9, 1) == "conv"
@@ -534,11 +534,11 @@ def test_auto_follows_the_plans_flops():
     return run_plan
 
   small = levels(384, 0)
-  assert [l.matching for l in small.levels] == ["matmul"] * 3
+  assert [l.matching for l in small.levels] == ["exact"] * 3
   # 9 copies at 1024 px: the scan is 2.3x the VGG at level 2 and 9.3x at
   # level 3.
   big = levels(1024, 1)
-  assert [l.matching for l in big.levels] == ["matmul", "patchmatch",
+  assert [l.matching for l in big.levels] == ["exact", "patchmatch",
                                               "patchmatch"]
   assert big.levels[2].scan_flops > 9 * big.levels[2].vgg_flops
   assert json.loads(big.to_json())["levels"][2]["matching"] == "patchmatch"

@@ -110,7 +110,7 @@ def _unit(rows):
   return np.where(norms > 0, rows / np.where(norms > 0, norms, 1), 0)
 
 
-@pytest.mark.parametrize("method", ["matmul", "conv"])
+@pytest.mark.parametrize("method", patches.MATCHINGS)
 def test_semantic_match_is_the_argmax_of_feature_plus_map_ncc(method):
   rng = np.random.default_rng(1)
   style = [rng.uniform(size=(9, 11, 5)).astype(np.float32),

@@ -48,6 +48,8 @@ unpinned torch pulls a CUDA build) on first use. --notorch times ours only.
     python benchmarks/bench_peers.py --sizes 384 --benches mrf1 gatys \\
         --repeats 3
     python benchmarks/bench_peers.py --benches vgg --convs xla winograd
+    python benchmarks/bench_peers.py --benches mrf1 mrf9 \\
+        --matchings matmul winograd    # the exact scan's forms, same rounds
     python benchmarks/bench_peers.py --torch_python /work/torch_venv/bin/python
     python benchmarks/bench_peers.py --notorch --sizes 256
 
@@ -83,6 +85,7 @@ from cnnmrf_jax import patches as patches_lib
 from cnnmrf_jax import plan as plan_lib
 from cnnmrf_jax import synthesize
 from cnnmrf_jax import targets as targets_lib
+from cnnmrf_jax import terms
 from cnnmrf_jax import vgg
 
 _WORKER = _ROOT / "benchmarks" / "_torch_worker.py"
@@ -102,6 +105,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       choices=conv_lib.CONVS, help="the vgg bench's methods")
   parser.add_argument("--conv", default="auto", choices=conv_lib.CONVS,
                       help="our convolutions in the iteration benches")
+  parser.add_argument("--matchings", nargs="+", default=["exact"],
+                      choices=["exact", *patches_lib.MATCHINGS],
+                      help="our --matching in the MRF benches; several are "
+                      "timed in the same rounds")
   parser.add_argument("--layer", default="relu4_2")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--pause", type=float, default=0.5,
@@ -279,7 +286,8 @@ def _bench_vgg(args, size, worker) -> None:
 # Whole iterations.
 
 
-def _config(bench: str, size: int, args) -> config_lib.Config:
+def _config(bench: str, size: int, args,
+            matching: str = "exact") -> config_lib.Config:
   """One level of the reference settings (configs/transfer.flags or
   configs/gatys.flags) at `size`, the level the benchmark times."""
   common = dict(max_size=size, num_res=1, num_iter=(1,), conv=args.conv,
@@ -297,7 +305,8 @@ def _config(bench: str, size: int, args) -> config_lib.Config:
       mode="transfer", mrf_layers=("relu3_1", "relu4_1"), mrf_weight=(1e-4,),
       patch_size=3, style_stride=2, synth_stride=2,
       num_rotations=augment_steps, num_scales=augment_steps,
-      confidence_threshold=0.0, content_weight=20.0, **common)
+      confidence_threshold=0.0, content_weight=20.0, matching=matching,
+      **common)
 
 
 def _nchw(rgb: np.ndarray) -> np.ndarray:
@@ -381,17 +390,23 @@ class _Ours:
 
 def _bench_iteration(bench, size, args, worker, params, weights_path,
                      folder) -> None:
-  config = _config(bench, size, args)
   label = f"{size}px {bench}"
-  start = time.perf_counter()
-  ours = _Ours(config, params)
-  for _ in range(args.warmup):
-    ours()
-  print(f"{label} ours ({ours.level.size[0]}x{ours.level.size[1]}, conv="
-        f"{conv_lib.resolve(config.conv)}): targets, compile and "
-        f"{args.warmup} warm-up iterations {time.perf_counter() - start:.1f}"
-        f" s", flush=True)
-  runners = {"ours": ours}
+  # One of ours per --matchings (the MRF benches), timed in the same rounds.
+  matchings = args.matchings if bench != "gatys" else ["exact"]
+  runners = {}
+  for matching in matchings:
+    config = _config(bench, size, args, matching)
+    name = "ours" if len(matchings) == 1 else f"ours_{matching}"
+    start = time.perf_counter()
+    ours = runners[name] = _Ours(config, params)
+    for _ in range(args.warmup):
+      ours()
+    described = (f", matching {terms.chunk_kwargs(config)['matching']}"
+                 if bench != "gatys" else "")
+    print(f"{label} {name} ({ours.level.size[0]}x{ours.level.size[1]}, "
+          f"conv={conv_lib.resolve(config.conv)}{described}): targets, "
+          f"compile and {args.warmup} warm-up iterations "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
   keys = []
   if worker is not None:
     images = ours.torch_inputs(config, folder)
@@ -431,7 +446,9 @@ def _bench_iteration(bench, size, args, worker, params, weights_path,
         losses[name] = out["loss"]
       else:
         times[name].append(out)
-  losses["ours"] = ours.loss()
+  ours_names = [name for name in runners if name.startswith("ours")]
+  for name in ours_names:
+    losses[name] = runners[name].loss()
   medians = {name: statistics.median(t) for name, t in times.items()}
   for name, seconds in medians.items():
     print(f"{label} {name}: {seconds:.3f} s / iteration (rounds "
@@ -441,10 +458,12 @@ def _bench_iteration(bench, size, args, worker, params, weights_path,
   torch_names = [n for n in medians if n.startswith("torch")]
   if torch_names:
     best = min(torch_names, key=medians.get)
-    per_round = statistics.median(
-        t / o for t, o in zip(times[best], times["ours"]))
-    print(f"{label} ratio {best} / ours: {medians[best] / medians['ours']:.2f}"
-          f"x (per-round median {per_round:.2f}x)", flush=True)
+    for name in ours_names:
+      per_round = statistics.median(
+          t / o for t, o in zip(times[best], times[name]))
+      print(f"{label} ratio {best} / {name}: "
+            f"{medians[best] / medians[name]:.2f}x (per-round median "
+            f"{per_round:.2f}x)", flush=True)
   for key in keys:
     worker.ask(cmd="drop", key=key)
 

@@ -843,10 +843,13 @@ def scan_method(matching: str, *, patch_size: int, stride: int,
   names, or (exact, auto's exact levels, patchmatch's scans) winograd on
   CPU where the grid allows it (grid_winograd.supports), matmul otherwise.
 
-  On a 2-core AVX2 CPU winograd's scan ran 1.2-1.4x faster than matmul's
-  at 384 px (benchmarks/bench_synthesis.py --matching matmul winograd);
-  on accelerators the single large matmul is what their libraries run
-  best, and winograd's many small batched products are not measured there.
+  On a 2-core AVX2 CPU a whole CNNMRF iteration with winograd's scan took
+  0.86-0.98 of matmul's time at 384-512 px and 1.02-1.06 at 256 px, the
+  gain growing with the bank (README, Speed and memory; the scan alone
+  1.16x at relu3_1, benchmarks/bench_matching.py --methods): its many
+  small batched products run below the large matmul's rate. On
+  accelerators the single large matmul is what their libraries run best;
+  winograd is not measured there.
   """
   if matching in MATCHINGS:
     return matching

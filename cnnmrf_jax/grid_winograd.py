@@ -205,6 +205,9 @@ def grid_dots(transformed: TransformedMap, filters: jnp.ndarray, *,
                            (((2,), (2,)), ((0,), (0,))),
                            preferred_element_type=dtype)
     n_rows, n_cols = at_rows.shape[1], at_cols.shape[1]
+    # The products and the row stage are materialised once, as in
+    # conv._conv_winograd, so that XLA does not fuse the stages into each
+    # of their consumers (here within noise of leaving it to XLA).
     prod = lax.optimization_barrier(
         prod.reshape(n_rows, n_cols, rows.tiles, cols.tiles, count))
     # A^T M A, rows then columns: [m_r, m_c, tiles_r, tiles_c, c].

@@ -6,7 +6,7 @@ example:coffee by default, the reference transfer settings
 3 levels):
 
 1. Whole runs (--sizes, --copies; default 512 and 1024 px, 1 and 9 style
-   copies): the same run with --matching=matmul (exact) and
+   copies): the same run with --matching=exact and
    --matching=patchmatch through synthesize.run, as the command line runs
    them, --num_iter iterations per level. At every iteration of the finest
    level of the PatchMatch run, per MRF layer: the share of synthesis
@@ -20,6 +20,8 @@ example:coffee by default, the reference transfer settings
    finest level of both runs (seconds on a shared CPU drift; compare within
    one invocation). Targets (issue 12): energy within 3 % of exact; mean
    NCC at least 0.99 of exact after the first 10 iterations of a level.
+   --shared N [N ...] runs PatchMatch once per count of shared random
+   candidates per pass, against the one exact run.
 
 2. With --field_size: the field's convergence alone on fixed synthesis
    features (the content's) from a random start, after 1, 2, 5, 10 and 20
@@ -29,7 +31,7 @@ example:coffee by default, the reference transfer settings
 
 Seconds per iteration at 1024 and 2048 px, exact against PatchMatch, and
 where they go (VGG, matching, solver) come from
-benchmarks/bench_synthesis.py --matching matmul patchmatch.
+benchmarks/bench_synthesis.py --matching exact patchmatch.
 
     python benchmarks/bench_patchmatch.py --sizes 512 --copies 1 9
     python benchmarks/bench_patchmatch.py --sizes 1024 2048 --copies 1 9
@@ -61,6 +63,7 @@ from cnnmrf_jax import patches
 from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import plan
 from cnnmrf_jax import synthesize
+from cnnmrf_jax import terms
 from cnnmrf_jax import vgg
 from cnnmrf_jax import weights as weights_lib
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -135,7 +138,7 @@ def _run(args, size, copies, matching, params, convention):
     # The coarsest levels scan exactly (their exact matches start the next
     # level's field), as --matching=auto does where the scan is cheap.
     run_plan = dataclasses.replace(run_plan, levels=tuple(
-        dataclasses.replace(l, matching="matmul")
+        dataclasses.replace(l, matching=patches.EXACT)
         if l.index < args.exact_levels else l for l in run_plan.levels))
   finest = run_plan.levels[-1]
   quality = _field_quality(synth, config)
@@ -175,28 +178,36 @@ def _runs(args, params, convention):
   for size in args.sizes:
     for copies in args.copies:
       name = f"{size} px, {copies} cop{'y' if copies == 1 else 'ies'}"
-      exact = _run(args, size, copies, "matmul", params, convention)
-      approx = _run(args, size, copies, "patchmatch", params, convention)
-      for it, layers in enumerate(approx[3], start=1):
-        for layer, (share, ncc) in layers.items():
-          print(f"{name}, {layer}, finest level iteration {it}: exact "
-                f"argmax {100 * share:.1f} % of patches, mean NCC "
-                f"{ncc:.4f} of exact", flush=True)
-      for layer in args.layers:
-        after = [l[layer][1] for l in approx[3][9:]] or [np.nan]
-        print(f"{name}, {layer}: lowest mean NCC after the finest level's "
-              f"first 10 iterations: {min(after):.4f} of exact")
-      print(f"{name}: final MRF energy (exact matching at the final "
-            f"image): exact run {exact[0]:.6g}, PatchMatch run "
-            f"{approx[0]:.6g}: {approx[0] / exact[0]:.4f} of exact")
-      print(f"{name}: final logged MRF loss (each run's own matches): "
-            f"exact run {exact[1]:.6g}, PatchMatch run {approx[1]:.6g}: "
-            f"{approx[1] / exact[1]:.4f} of exact")
-      for label, r in (("exact", exact), ("PatchMatch", approx)):
-        if r[2] is not None:
-          print(f"{name}: {label} run, finest level: {r[2]:.3f} s / iter "
-                f"(levels' matching {', '.join(r[4])})")
-      print("", flush=True)
+      exact = _run(args, size, copies, patches.EXACT, params, convention)
+      for shared in args.shared:
+        # terms.py reads the shared candidates per pass when it traces.
+        terms.PATCHMATCH_SHARED = shared
+        _report(args, f"{name}, {shared} shared", exact, _run(
+            args, size, copies, "patchmatch", params, convention))
+
+
+def _report(args, name, exact, approx):
+  """Prints one PatchMatch run's figures against the exact run's."""
+  for it, layers in enumerate(approx[3], start=1):
+    for layer, (share, ncc) in layers.items():
+      print(f"{name}, {layer}, finest level iteration {it}: exact "
+            f"argmax {100 * share:.1f} % of patches, mean NCC "
+            f"{ncc:.4f} of exact", flush=True)
+  for layer in args.layers:
+    after = [l[layer][1] for l in approx[3][9:]] or [np.nan]
+    print(f"{name}, {layer}: lowest mean NCC after the finest level's "
+          f"first 10 iterations: {min(after):.4f} of exact")
+  print(f"{name}: final MRF energy (exact matching at the final "
+        f"image): exact run {exact[0]:.6g}, PatchMatch run "
+        f"{approx[0]:.6g}: {approx[0] / exact[0]:.4f} of exact")
+  print(f"{name}: final logged MRF loss (each run's own matches): "
+        f"exact run {exact[1]:.6g}, PatchMatch run {approx[1]:.6g}: "
+        f"{approx[1] / exact[1]:.4f} of exact")
+  for label, r in (("exact", exact), ("PatchMatch", approx)):
+    if r[2] is not None:
+      print(f"{name}: {label} run, finest level: {r[2]:.3f} s / iter "
+            f"(levels' matching {', '.join(r[4])})")
+  print("", flush=True)
 
 
 def _energy(features, bank, indices, scores):
@@ -287,6 +298,11 @@ def main():
   parser.add_argument("--field_size", type=int, default=0,
                       help="also the field's convergence on fixed features "
                       "at this long side (0: skip)")
+  parser.add_argument("--shared", nargs="+", type=int,
+                      default=[terms.PATCHMATCH_SHARED],
+                      help="random bank patches per pass scored against "
+                      "every synthesis patch (terms.PATCHMATCH_SHARED); "
+                      "several: one PatchMatch run each, beside one exact run")
   parser.add_argument("--layers", nargs="+", default=["relu3_1", "relu4_1"])
   parser.add_argument("--content", default="example:astronaut")
   parser.add_argument("--style", default="example:coffee")

@@ -213,7 +213,9 @@ def _level_worker(spec):
   out["chained_s"] = chained
   out["s_per_iter"] = statistics.median(chained)
   out["peak_rss_bytes"] = _status_bytes("VmHWM")
-  out["estimate_bytes"] = _memory_estimate(config, inputs)
+  # The estimate of the plan that ran: planned again now, with this
+  # process's own memory in use, auto tiling would choose tiles.
+  out["estimate_bytes"] = run_plan.memory_bytes
 
   # Flops: the matching's chunk loop is counted once by the cost analysis;
   # add what the same matching costs lowered as a single chunk (no loop).

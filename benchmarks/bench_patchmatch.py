@@ -179,11 +179,15 @@ def _runs(args, params, convention):
     for copies in args.copies:
       name = f"{size} px, {copies} cop{'y' if copies == 1 else 'ies'}"
       exact = _run(args, size, copies, patches.EXACT, params, convention)
-      for shared in args.shared:
-        # terms.py reads the shared candidates per pass when it traces.
-        terms.PATCHMATCH_SHARED = shared
-        _report(args, f"{name}, {shared} shared", exact, _run(
-            args, size, copies, "patchmatch", params, convention))
+      default = terms.patchmatch_shared
+      for shared in args.shared or [None]:
+        # terms.py asks for the shared candidates per pass when it traces.
+        terms.patchmatch_shared = default if shared is None else (
+            lambda num_copies, shared=shared: shared)
+        _report(args, name if shared is None else f"{name}, {shared} shared",
+                exact, _run(args, size, copies, "patchmatch", params,
+                            convention))
+      terms.patchmatch_shared = default
 
 
 def _report(args, name, exact, approx):
@@ -298,11 +302,11 @@ def main():
   parser.add_argument("--field_size", type=int, default=0,
                       help="also the field's convergence on fixed features "
                       "at this long side (0: skip)")
-  parser.add_argument("--shared", nargs="+", type=int,
-                      default=[terms.PATCHMATCH_SHARED],
+  parser.add_argument("--shared", nargs="*", type=int, default=[],
                       help="random bank patches per pass scored against "
-                      "every synthesis patch (terms.PATCHMATCH_SHARED); "
-                      "several: one PatchMatch run each, beside one exact run")
+                      "every synthesis patch (default: "
+                      "terms.patchmatch_shared's for the copies); several: "
+                      "one PatchMatch run each, beside one exact run")
   parser.add_argument("--layers", nargs="+", default=["relu3_1", "relu4_1"])
   parser.add_argument("--content", default="example:astronaut")
   parser.add_argument("--style", default="example:coffee")

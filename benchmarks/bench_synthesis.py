@@ -243,8 +243,10 @@ def _level_worker(spec):
           features[layer][0], stride=config.synth_stride).shape
       # XLA's flop count sees one candidate step and one shared block of
       # the pass loop; the rest is added here.
-      counted = 1 + terms.PATCHMATCH_SHARED
-      total = config.patchmatch_passes * (steps + terms.PATCHMATCH_SHARED)
+      shared = terms.patchmatch_shared(
+          search[layer]["grid"].starts.shape[-1])
+      counted = 1 + shared
+      total = config.patchmatch_passes * (steps + shared)
       loop_correction += ((total - counted) * 2.0 * num_p * depth *
                           x.shape[0])
       continue

@@ -30,7 +30,8 @@ L-BFGS history are dropped by then, synthesize.run) and the solve.
      (grid_winograd.products_per_output values per patch, times C and
      times the chunk); PatchMatch (the plan's `matching`) instead the
      patches, one gathered candidate and the matched targets, 3 [P, 9 C],
-     and the field (tiled: P a tile's patches, plus the whole grid's field
+     the shared candidates' rows and scores, [K, 9 C] and [K, P], and the
+     field (tiled: P a tile's patches, plus the whole grid's field
      and scores passed from tile to tile).
   4. Solve: the optimiser: L-BFGS keeps 2 * history_size images (s and y;
      the update donates the state it reads, so they are written in place),
@@ -71,6 +72,7 @@ from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import conv
 from cnnmrf_jax import grid_winograd
 from cnnmrf_jax import patches
+from cnnmrf_jax import terms
 from cnnmrf_jax import vgg
 
 GIB = 2 ** 30
@@ -199,6 +201,9 @@ def level_bytes(config: config_lib.Config, level: Any,
       solve += 2 * mrf.bank_size  # the used-patch counts
     if getattr(level, "matching", "") == patches.PATCHMATCH:
       solve += 3 * num_patches * depth + 2 * num_patches
+      # The shared random candidates: their rows [K, D] and scores [K, P].
+      shared = terms.patchmatch_shared(max(len(c) for c in level.copies))
+      solve += shared * (depth + num_patches)
       if tiling is not None:
         # The whole grid's field and scores passed from tile to tile, and
         # the carried field in and out.

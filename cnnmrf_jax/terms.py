@@ -29,6 +29,7 @@ exactly.
 import collections
 import contextlib
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from typing import Tuple
 
@@ -480,8 +481,26 @@ PATCHMATCH_HOPS = 1
 # at 256 px (M = 5030), from a random start, 10 passes reached a mean NCC
 # of 0.945 of the exact one without them, 0.977 with 64, 0.992 with 256
 # and 0.999 with 1024 (the last an exact scan in ~5 passes at this M); 256
-# cost no more time per pass than the ~26 gathered candidates.
+# cost no more time per pass than the ~26 gathered candidates. That is for
+# one style copy; `patchmatch_shared` scales it with the copies.
 PATCHMATCH_SHARED = 256
+
+
+def patchmatch_shared(num_copies: int) -> int:
+  """Shared random candidates per pass (patchmatch_lib.patchmatch's
+  num_shared) for a bank of num_copies style copies: PATCHMATCH_SHARED
+  times sqrt(num_copies), rounded to a multiple of 64.
+
+  The bank grows about linearly with the copies, so a fixed count explores
+  less of it per pass; scaling the count linearly would keep the share but
+  make the product ([K, D] x [D, P]) the pass's largest cost. The square
+  root, measured at 512 px with 9 copies (benchmarks/bench_patchmatch.py
+  --sizes 512 --copies 9 --shared 256 768): the field's lowest mean NCC at
+  relu3_1 after a level's first 10 iterations went from 0.987 of the exact
+  one to 0.991, for 4.5 % more time per iteration.
+  """
+  scaled = PATCHMATCH_SHARED * math.sqrt(max(int(num_copies), 1))
+  return int(64 * round(scaled / 64))
 # Passes of a level's first evaluation (its field is random or upsampled
 # from the coarser level); later evaluations run --patchmatch_passes.
 PATCHMATCH_START_PASSES = 8
@@ -536,7 +555,9 @@ def _mrf_loss(config, x, features, targets, weights):
             synth_grid=grid, num_passes=carry["passes"],
             radii=search[layer]["radii"], samples=PATCHMATCH_SAMPLES,
             num_random=PATCHMATCH_RANDOM, num_hops=PATCHMATCH_HOPS,
-            num_shared=PATCHMATCH_SHARED, synth_stride=config.synth_stride,
+            num_shared=patchmatch_shared(
+                search[layer]["grid"].starts.shape[-1]),
+            synth_stride=config.synth_stride,
             style_stride=config.style_stride,
             synth_map=synthesis_maps.get(layer))
       else:
@@ -633,7 +654,8 @@ def _mrf_tile_loss(config, tile, features, banks, weights, state=None):
             synth_grid=(rows.shape[0], cols.shape[0]),
             num_passes=carry["passes"], radii=search[layer]["radii"],
             samples=PATCHMATCH_SAMPLES, num_random=PATCHMATCH_RANDOM,
-            num_hops=PATCHMATCH_HOPS, num_shared=PATCHMATCH_SHARED,
+            num_hops=PATCHMATCH_HOPS, num_shared=patchmatch_shared(
+                search[layer]["grid"].starts.shape[-1]),
             synth_stride=config.synth_stride,
             style_stride=config.style_stride, synth_map=tile_map)
       else:

@@ -20,6 +20,7 @@ import pytest
 
 from cnnmrf_jax import config as config_lib
 from cnnmrf_jax import losses
+from cnnmrf_jax import memory
 from cnnmrf_jax import patches
 from cnnmrf_jax import patchmatch as patchmatch_lib
 from cnnmrf_jax import plan as plan_lib
@@ -28,6 +29,7 @@ from cnnmrf_jax import synthesize
 from cnnmrf_jax import targets as targets_lib
 from cnnmrf_jax import terms
 from cnnmrf_jax import tiling
+from cnnmrf_jax import vgg
 from cnnmrf_jax import workdir as workdir_lib
 
 
@@ -136,6 +138,53 @@ def test_evaluations_only_improve_the_field(tiny_images, random_vgg19):
     # From a random start, the first evaluation's passes and 7 more on a
     # ~20x24 grid with ~20x22 style patches.
     assert means[-1][layer] >= 0.99 * float(np.mean(scores)), layer
+
+
+def test_shared_candidates_grow_with_the_square_root_of_the_copies():
+  assert terms.patchmatch_shared(1) == terms.PATCHMATCH_SHARED
+  assert terms.patchmatch_shared(9) == 3 * terms.PATCHMATCH_SHARED
+  assert terms.patchmatch_shared(25) == 5 * terms.PATCHMATCH_SHARED
+  two = terms.patchmatch_shared(2)
+  assert two % 64 == 0
+  assert terms.PATCHMATCH_SHARED < two < 2 * terms.PATCHMATCH_SHARED
+
+
+def test_the_objective_shares_candidates_for_its_copies(
+    tiny_images, random_vgg19, monkeypatch):
+  seen = []
+  real = patchmatch_lib.patchmatch
+
+  def spy(*args, **kwargs):
+    seen.append((kwargs["num_shared"], int(np.shape(args[2].starts)[-1])))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(patchmatch_lib, "patchmatch", spy)
+  config = _config(tiny_images, num_rotations=1, num_scales=1)
+  synthesizer, _, targets, x = _level(config, random_vgg19)
+  synthesizer.objective(x, synthesizer.params, targets)
+  assert seen == [(terms.patchmatch_shared(9), 9)]
+
+
+def test_the_memory_estimate_counts_the_shared_candidates(tiny_images,
+                                                         monkeypatch):
+  config = _config(tiny_images, num_rotations=1, num_scales=1)
+  level = plan_lib.make(config, synthesize.load_inputs(config).sizes()
+                        ).levels[-1]
+  asked = []
+
+  def estimate(shared):
+    monkeypatch.setattr(terms, "patchmatch_shared",
+                        lambda num_copies: asked.append(num_copies) or shared)
+    return memory.level_bytes(config, level, 1)
+
+  # Counts large enough that the solve, not the targets' build, is the
+  # level's larger phase.
+  more = estimate(2000) - estimate(1000)
+  (mrf,) = level.mrf
+  depth = config.patch_size ** 2 * vgg.channels_of(mrf.layer, config.network)
+  # 4 bytes a value: the rows [K, D] and the scores [K, P].
+  assert more == 4 * 1000 * (depth + mrf.num_patches)
+  assert asked == [9, 9]
 
 
 @pytest.mark.parametrize("mode", ["transfer", "texture"])

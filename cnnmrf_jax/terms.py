@@ -501,6 +501,19 @@ def patchmatch_shared(num_copies: int) -> int:
   """
   scaled = PATCHMATCH_SHARED * math.sqrt(max(int(num_copies), 1))
   return int(64 * round(scaled / 64))
+
+
+def _search_kwargs(config, layer_search) -> Dict[str, Any]:
+  """patchmatch_lib.patchmatch's search settings for one MRF layer's
+  `search` entry ({'grid': BankGrid, 'radii': [n]}), tiled or not."""
+  return dict(radii=layer_search["radii"], samples=PATCHMATCH_SAMPLES,
+              num_random=PATCHMATCH_RANDOM, num_hops=PATCHMATCH_HOPS,
+              num_shared=patchmatch_shared(
+                  layer_search["grid"].starts.shape[-1]),
+              synth_stride=config.synth_stride,
+              style_stride=config.style_stride)
+
+
 # Passes of a level's first evaluation (its field is random or upsampled
 # from the coarser level); later evaluations run --patchmatch_passes.
 PATCHMATCH_START_PASSES = 8
@@ -553,13 +566,8 @@ def _mrf_loss(config, x, features, targets, weights):
             synth, targets[layer], search[layer]["grid"],
             carry["fields"][layer], keys[1 + i],
             synth_grid=grid, num_passes=carry["passes"],
-            radii=search[layer]["radii"], samples=PATCHMATCH_SAMPLES,
-            num_random=PATCHMATCH_RANDOM, num_hops=PATCHMATCH_HOPS,
-            num_shared=patchmatch_shared(
-                search[layer]["grid"].starts.shape[-1]),
-            synth_stride=config.synth_stride,
-            style_stride=config.style_stride,
-            synth_map=synthesis_maps.get(layer))
+            synth_map=synthesis_maps.get(layer),
+            **_search_kwargs(config, search[layer]))
       else:
         matches = patches.match_map(
             fmap, targets[layer], patch_size=config.patch_size,
@@ -652,12 +660,8 @@ def _mrf_tile_loss(config, tile, features, banks, weights, state=None):
             synth, bank, search[layer]["grid"], jnp.take(field, index),
             patchmatch_lib.fold_key(keys[1 + i], tile_number),
             synth_grid=(rows.shape[0], cols.shape[0]),
-            num_passes=carry["passes"], radii=search[layer]["radii"],
-            samples=PATCHMATCH_SAMPLES, num_random=PATCHMATCH_RANDOM,
-            num_hops=PATCHMATCH_HOPS, num_shared=patchmatch_shared(
-                search[layer]["grid"].starts.shape[-1]),
-            synth_stride=config.synth_stride,
-            style_stride=config.style_stride, synth_map=tile_map)
+            num_passes=carry["passes"], synth_map=tile_map,
+            **_search_kwargs(config, search[layer]))
       else:
         found = patches.match(synth, bank, synth_map=tile_map, **kwargs)
       # Owned patches take this tile's match; the others their owner's.
